@@ -1,0 +1,37 @@
+# The two commands a newcomer needs:
+#   make serve   create .venv, install tegrad, serve the embedded default model (gRPC :8001, metrics :8002)
+#   make test    create .venv, install tegrad with test extras, lint, check Python 3.10 compatibility, run all tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SERVE_ARGS ?=
+
+.PHONY: serve test lint protos bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+serve: $(VENV)/.installed
+	$(BIN)/tegrad serve $(SERVE_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check daemon calib tests bench
+	$(BIN)/vermin --no-tips --violations -t=3.10- --eval-annotations --backport typing_extensions daemon calib
+
+test: lint
+	$(BIN)/python -m pytest
+
+protos: $(VENV)/.installed-test
+	$(BIN)/python -m daemon.protogen.generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info
