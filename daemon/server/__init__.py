@@ -1,0 +1,1 @@
+"""gRPC servicers, tensor encoding, error mapping and server lifecycle."""
