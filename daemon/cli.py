@@ -1,0 +1,123 @@
+"""``tegrad`` command line: the daemon, small clients for it, and the calibration tools."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from daemon import __version__
+
+
+def _default_state_dir() -> Path:
+    if os.environ.get("TEGRAD_STATE_DIR"):
+        return Path(os.environ["TEGRAD_STATE_DIR"])
+    if os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "tegrad"
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the inference daemon (KServe v2 gRPC on :8001, Prometheus metrics on :8002)",
+        description="Serve models over Triton's KServe v2 gRPC protocol. With no --model-repository, "
+        "serves the embedded default model (digits).",
+    )
+    p.add_argument("--model-repository", type=Path, help="repository root: <repo>/<model>/config.toml and <repo>/<model>/<version>/model.onnx")
+    p.add_argument("--model-control", choices=["none", "explicit"], default="none",
+                   help="none: load every model at startup, no load/unload RPCs; explicit: load what --load-model names "
+                        "(and what was loaded before a restart), load/unload over gRPC (default: %(default)s)")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME", help="with explicit control: load NAME at startup ('*' for all); repeatable")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--state-dir", type=Path, default=_default_state_dir(), help="where the SQLite state lives (default: %(default)s)")
+    p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest request accepted; larger ones get RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let in-flight requests finish on SIGTERM (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    import asyncio
+
+    from daemon.server.app import ServeOptions, serve
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    opts = ServeOptions(
+        repository=args.model_repository,
+        model_control=args.model_control,
+        load_models=args.load_model,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        state_dir=args.state_dir,
+        max_message_bytes=args.max_message_bytes,
+        drain_timeout=args.drain_timeout,
+    )
+    return asyncio.run(serve(opts))
+
+
+def _add_clients(sub) -> None:
+    p = sub.add_parser("infer", help="send one inference request and print the outputs (or top-k classes)")
+    p.add_argument("-m", "--model", default="digits", help="model name (default: %(default)s)")
+    p.add_argument("--model-version", default="", help="version (default: the latest ready)")
+    p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=FILE.npy",
+                   help="input tensor from a .npy file; repeatable. Without any, random data shaped like the model's inputs is sent")
+    p.add_argument("-b", "--batch", type=int, default=1, help="batch size for random inputs (default: %(default)s)")
+    p.add_argument("-k", "--top-k", type=int, default=0, help="ask for the top K classes of each output (classification extension)")
+    p.add_argument("--url", default="localhost:8001", help="server address (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0, help="gRPC deadline in seconds (default: %(default)s)")
+    p.set_defaults(func=lambda a: _client("infer", a))
+
+    p = sub.add_parser("models", help="list the repository's models, versions and states")
+    p.add_argument("--url", default="localhost:8001", help="server address (default: %(default)s)")
+    p.add_argument("--ready", action="store_true", help="only ready versions")
+    p.set_defaults(func=lambda a: _client("models", a))
+
+    p = sub.add_parser("health", help="gRPC health check; exit 0 when the server is SERVING")
+    p.add_argument("--url", default="localhost:8001", help="server address (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default: %(default)s)")
+    p.set_defaults(func=lambda a: _client("health", a))
+
+
+def _client(command: str, args) -> int:
+    from daemon import client
+
+    return getattr(client, command)(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tegrad",
+        description="On-device inference daemon for NVIDIA Jetson: Triton-compatible KServe v2 gRPC, "
+        "TensorRT or ONNX Runtime engines, portable INT8 calibration.",
+    )
+    parser.add_argument("--version", action="version", version=f"tegrad {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_serve(sub)
+    _add_clients(sub)
+    try:
+        from calib import cli as calib_cli
+    except ImportError:  # calibration tools are optional at import time
+        calib_cli = None
+    if calib_cli is not None and hasattr(calib_cli, "register"):
+        calib_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

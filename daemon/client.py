@@ -1,0 +1,102 @@
+"""Small gRPC clients behind ``tegrad infer|models|health`` (tegrad's own stubs,
+no tritonclient needed on the device)."""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+import numpy as np
+
+from daemon.engines.base import DATATYPE_TO_NUMPY, datatype_of
+from daemon.protogen import grpc_service_pb2 as pb
+from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
+from daemon.server.tensors import deserialize_bytes_tensor, serialize_bytes_tensor
+
+
+def _stub(url: str) -> pb_grpc.GRPCInferenceServiceStub:
+    channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+    return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _fail(exc: grpc.RpcError) -> int:
+    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 1
+
+
+def _inputs(args, meta: pb.ModelMetadataResponse) -> dict[str, np.ndarray]:
+    if args.input:
+        arrays = {}
+        for item in args.input:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise SystemExit(f"--input takes NAME=FILE.npy, got {item!r}")
+            arrays[name] = np.load(path, allow_pickle=False)
+        return arrays
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for t in meta.inputs:
+        shape = [args.batch if i == 0 and d == -1 else (d if d > 0 else 1) for i, d in enumerate(t.shape)]
+        dtype = DATATYPE_TO_NUMPY[t.datatype]
+        if t.datatype == "BYTES":
+            arrays[t.name] = np.full(shape, b"tegrad", dtype=object)
+        elif dtype.kind == "f":
+            arrays[t.name] = rng.random(shape).astype(dtype)
+        else:
+            arrays[t.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return arrays
+
+
+def infer(args) -> int:
+    stub = _stub(args.url)
+    try:
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model, version=args.model_version), timeout=args.timeout)
+        request = pb.ModelInferRequest(model_name=args.model, model_version=args.model_version)
+        for name, arr in _inputs(args, meta).items():
+            datatype = datatype_of(arr.dtype)
+            request.inputs.add(name=name, datatype=datatype, shape=arr.shape)
+            request.raw_input_contents.append(serialize_bytes_tensor(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes())
+        for out in meta.outputs:
+            requested = request.outputs.add(name=out.name)
+            if args.top_k:
+                requested.parameters["classification"].int64_param = args.top_k
+        response = stub.ModelInfer(request, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        return _fail(exc)
+    print(f"model {response.model_name} version {response.model_version}")
+    for out, raw in zip(response.outputs, response.raw_output_contents):
+        if out.datatype == "BYTES":
+            arr = deserialize_bytes_tensor(raw, None).reshape(out.shape)
+            for row in arr.reshape(-1, arr.shape[-1]) if arr.ndim else [arr]:
+                print(f"{out.name}: " + "  ".join(v.decode() for v in row))
+        else:
+            arr = np.frombuffer(raw, dtype=DATATYPE_TO_NUMPY[out.datatype]).reshape(out.shape)
+            with np.printoptions(precision=4, threshold=64, suppress=True):
+                print(f"{out.name} {out.datatype} {list(out.shape)}:\n{arr}")
+    return 0
+
+
+def models(args) -> int:
+    try:
+        index = _stub(args.url).RepositoryIndex(pb.RepositoryIndexRequest(ready=args.ready), timeout=10)
+    except grpc.RpcError as exc:
+        return _fail(exc)
+    rows = [(m.name, m.version or "-", m.state or "-", m.reason) for m in index.models]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("MODEL", "VERSION", "STATE"))]
+    print(f"{'MODEL':<{widths[0]}}  {'VERSION':<{widths[1]}}  {'STATE':<{widths[2]}}  REASON")
+    for name, version, state, reason in rows:
+        print(f"{name:<{widths[0]}}  {version:<{widths[1]}}  {state:<{widths[2]}}  {reason}")
+    return 0
+
+
+def health(args) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(args.url)
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        return _fail(exc)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

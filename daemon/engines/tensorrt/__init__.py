@@ -1,0 +1,1 @@
+"""TensorRT backend (Jetson). Imports of ``tensorrt`` and ``pycuda`` stay inside functions."""

@@ -1,0 +1,1 @@
+"""The embedded default model repository (served when no --model-repository is given)."""

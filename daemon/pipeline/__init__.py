@@ -1,0 +1,1 @@
+"""Request scheduling: queue, dynamic batching, deadlines, instance slots."""

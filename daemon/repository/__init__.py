@@ -1,0 +1,1 @@
+"""Models on disk, their versions and states (SQLite), load/unload/reload."""

@@ -1,0 +1,296 @@
+"""Loads, reloads and unloads models while the server keeps serving.
+
+A reload builds the new version beside the old one, swaps the model's version
+map in one assignment (the event loop makes that atomic for requests), and
+retires the old version only after the requests that hold it have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.config import CONFIG_FILENAME, ModelConfig, load_model_config
+from daemon.engines.base import TensorSpec
+from daemon.errors import FailedPrecondition, InvalidArgument, NotFound, TegradError
+from daemon.pipeline.scheduler import Scheduler, SchedulerOptions
+from daemon.repository import layout
+from daemon.repository.state import StateStore
+from daemon.telemetry import metrics
+from daemon.telemetry.stats import VersionStats
+
+log = logging.getLogger("tegrad.repository")
+
+
+@dataclass(eq=False)
+class LoadedVersion:
+    name: str
+    version: int
+    config: ModelConfig
+    engine: object
+    scheduler: Scheduler
+    stats: VersionStats
+    fingerprint: str
+    users: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.engine.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.engine.outputs
+
+    @property
+    def batched(self) -> bool:
+        return self.config.max_batch > 0
+
+    def acquire(self) -> None:
+        self.users += 1
+        self.idle.clear()
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self.idle.set()
+
+    async def retire(self, timeout: float) -> None:
+        if self.users:
+            try:
+                await asyncio.wait_for(self.idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("model %s version %d: %d requests still running after %.0f s; closing anyway",
+                            self.name, self.version, self.users, timeout)
+        await self.scheduler.drain(timeout)
+        self.engine.close()
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    config: ModelConfig | None = None
+    serving: dict[int, LoadedVersion] = field(default_factory=dict)
+    states: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+def _fingerprint(model_dir: Path, model_file: Path) -> str:
+    digest = hashlib.sha256()
+    config_path = model_dir / CONFIG_FILENAME
+    digest.update(config_path.read_bytes() if config_path.exists() else b"")
+    with open(model_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ModelManager:
+    def __init__(self, root: Path, store: StateStore, *, control_mode: str = "none", drain_timeout: float = 30.0) -> None:
+        if control_mode not in ("none", "explicit"):
+            raise ValueError(f"unknown model control mode {control_mode!r}")
+        self.root = root
+        self.store = store
+        self.control_mode = control_mode
+        self.drain_timeout = drain_timeout
+        self._models: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Task] = set()
+        self._wanted: set[str] = set()  # models that should be serving (loaded, not unloaded)
+
+    # -- startup and shutdown ---------------------------------------------------------------
+
+    async def startup(self, load: list[str]) -> None:
+        if self.control_mode == "none" or "*" in load:
+            names = layout.model_names(self.root)
+        else:
+            names = sorted(set(load) | set(self.store.loaded_models()))
+        for name in names:
+            try:
+                await self.load(name)
+            except TegradError as exc:
+                log.error("model %s failed to load at startup: %s", name, exc)
+
+    async def shutdown(self) -> None:
+        versions = [lv for e in self._models.values() for lv in e.serving.values()]
+        for entry in self._models.values():
+            entry.serving = {}
+        await asyncio.gather(*(lv.retire(self.drain_timeout) for lv in versions), *self._retiring)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _set_state(self, name: str, version: int, state: str, reason: str = "", engine_id: str = "") -> None:
+        entry = self._models.setdefault(name, ModelEntry(name))
+        entry.states[version] = (state, reason)
+        self.store.set_version_state(name, version, state, reason, engine_id)
+        metrics.set_model_state(name, str(version), state)
+        log.info("model %s version %d: %s%s", name, version, state, f" ({reason})" if reason else "")
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def check_control(self) -> None:
+        if self.control_mode != "explicit":
+            raise FailedPrecondition(
+                "model control mode is 'none': models are loaded at startup only; "
+                "start tegrad with --model-control explicit to load and unload models at run time"
+            )
+
+    # -- load / unload --------------------------------------------------------------------------
+
+    def _build(self, name: str, version: int, config: ModelConfig, model_file: Path, fingerprint: str) -> tuple:
+        if config.backend == "tensorrt":
+            raise InvalidArgument(f"model {name}: the tensorrt backend is not available in this build; use backend = \"onnxruntime\"")
+        if config.precision != "fp32":
+            raise InvalidArgument(
+                f"model {name}: precision {config.precision!r} needs the engine build path with a calibration cache, "
+                "which this version does not offer yet; use precision = \"fp32\" or a model quantized with `tegrad quantize`"
+            )
+        from daemon.engines.onnxruntime import builder
+
+        return builder.build(model_file, config)
+
+    async def load(self, name: str) -> None:
+        """Load or reload ``name``: new versions come up beside the old, then switch atomically."""
+        async with self._lock(name):
+            mdir = layout.model_dir(self.root, name)
+            self._wanted.add(name)
+            config = await asyncio.to_thread(load_model_config, mdir)
+            available = await asyncio.to_thread(layout.versions_on_disk, mdir, config.default_model_filename)
+            wanted = config.version_policy.select(available)
+            if not wanted:
+                raise InvalidArgument(
+                    f"model {name}: no version directory under {mdir} holds {config.default_model_filename} "
+                    f"and matches the version policy (found versions {available or 'none'})"
+                )
+            entry = self._models.setdefault(name, ModelEntry(name))
+            serving: dict[int, LoadedVersion] = {}
+            built: list[LoadedVersion] = []
+            failures: list[str] = []
+            for version in wanted:
+                model_file = mdir / str(version) / config.default_model_filename
+                fingerprint = await asyncio.to_thread(_fingerprint, mdir, model_file)
+                old = entry.serving.get(version)
+                if old is not None and old.fingerprint == fingerprint:
+                    serving[version] = old
+                    continue
+                if old is None:
+                    self._set_state(name, version, "LOADING")
+                try:
+                    engine = await asyncio.to_thread(self._build, name, version, config, model_file, fingerprint)
+                except TegradError as exc:
+                    failures.append(f"version {version}: {exc}")
+                    if old is not None:
+                        serving[version] = old  # keep serving what worked
+                        log.error("model %s version %d: reload failed, keeping the loaded one: %s", name, version, exc)
+                    else:
+                        self._set_state(name, version, "UNAVAILABLE", str(exc))
+                    continue
+                stats = VersionStats(name, str(version))
+                options = SchedulerOptions(
+                    max_batch=config.max_batch,
+                    instances=config.instances,
+                    max_queue_delay_us=config.dynamic_batching.max_queue_delay_us,
+                    preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_sizes),
+                    max_queue_size=config.dynamic_batching.max_queue_size,
+                )
+                scheduler = Scheduler(engine, options, stats, f"{name}/{version}")
+                lv = LoadedVersion(name, version, config, engine, scheduler, stats, fingerprint)
+                lv.idle.set()
+                serving[version] = lv
+                built.append(lv)
+            retired = [lv for v, lv in entry.serving.items() if serving.get(v) is not lv]
+            entry.serving = serving  # the atomic switch
+            entry.config = config
+            for lv in built:
+                self._set_state(name, lv.version, "READY", "", lv.engine.engine_id)
+                metrics.set_model_info(name, str(lv.version), lv.engine.backend, lv.engine.precision, lv.engine.engine_id)
+            for lv in retired:
+                self._start_retire(lv, gone=lv.version not in serving)
+            if serving:
+                self.store.set_loaded(name, True)
+            if failures:
+                raise InvalidArgument(f"model {name} failed to load: " + "; ".join(failures))
+
+    def _start_retire(self, lv: LoadedVersion, *, gone: bool) -> asyncio.Task:
+        async def run() -> None:
+            if gone:
+                self._set_state(lv.name, lv.version, "UNLOADING")
+            await lv.retire(self.drain_timeout)
+            if gone:
+                self._set_state(lv.name, lv.version, "UNAVAILABLE", "unloaded")
+                metrics.forget_model_version(lv.name, str(lv.version))
+
+        task = asyncio.ensure_future(run())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
+
+    async def unload(self, name: str) -> None:
+        async with self._lock(name):
+            entry = self._models.get(name)
+            if entry is None or not entry.serving:
+                layout.model_dir(self.root, name)  # NOT_FOUND for names not in the repository
+                self._wanted.discard(name)
+                self.store.set_loaded(name, False)
+                return
+            self._wanted.discard(name)
+            retired = list(entry.serving.values())
+            entry.serving = {}
+            self.store.set_loaded(name, False)
+            await asyncio.gather(*(self._start_retire(lv, gone=True) for lv in retired))
+
+    # -- lookups ----------------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: str = "") -> LoadedVersion:
+        """The version that serves a request; raises NOT_FOUND or FAILED_PRECONDITION."""
+        entry = self._models.get(name)
+        if entry is None or (not entry.serving and not entry.states):
+            layout.model_dir(self.root, name)
+            raise FailedPrecondition(f"model {name!r} is not loaded; load it with RepositoryModelLoad")
+        if version:
+            if not version.isdigit():
+                raise NotFound(f"model {name!r} has no version {version!r}: versions are positive integers")
+            lv = entry.serving.get(int(version))
+            if lv is not None:
+                return lv
+            state = entry.states.get(int(version))
+            if state is None:
+                raise NotFound(f"model {name!r} has no version {version}; loaded versions: {sorted(entry.serving) or 'none'}")
+            raise FailedPrecondition(f"model {name!r} version {version} is not ready ({state[0]}{': ' + state[1] if state[1] else ''})")
+        if not entry.serving:
+            reasons = "; ".join(f"version {v}: {s}{' (' + r + ')' if r else ''}" for v, (s, r) in sorted(entry.states.items()))
+            raise FailedPrecondition(f"model {name!r} has no ready version ({reasons or 'not loaded'})")
+        return entry.serving[max(entry.serving)]
+
+    def versions(self, name: str) -> list[int]:
+        entry = self._models.get(name)
+        return sorted(entry.serving) if entry else []
+
+    def loaded(self) -> list[LoadedVersion]:
+        return [lv for e in self._models.values() for lv in e.serving.values()]
+
+    def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+        rows = []
+        names = set(self._models)
+        try:
+            names |= set(layout.model_names(self.root))
+        except NotFound:
+            pass
+        for name in sorted(names):
+            entry = self._models.get(name)
+            if entry is None or not entry.states:
+                if not ready_only:
+                    rows.append((name, "", "UNAVAILABLE", "not loaded"))
+                continue
+            for version, (state, reason) in sorted(entry.states.items()):
+                if ready_only and state != "READY":
+                    continue
+                rows.append((name, str(version), state, reason))
+        return rows
+
+    def all_ready(self) -> bool:
+        """Every model this server means to serve has a ready version (Triton's strict readiness)."""
+        return all(self._models[n].serving for n in self._wanted if n in self._models)

@@ -1,0 +1,128 @@
+"""Assembles and runs the daemon: gRPC (KServe v2, health, reflection), metrics
+HTTP endpoint, model manager; then waits for SIGTERM/SIGINT and drains."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from daemon import __version__
+from daemon.protogen import grpc_service_pb2 as pb
+from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
+from daemon.repository.manager import ModelManager
+from daemon.repository.state import StateStore
+from daemon.server.inference_service import InferenceService
+from daemon.server.lifecycle import Lifecycle, sd_notify, watchdog_interval
+
+log = logging.getLogger("tegrad")
+
+EMBEDDED_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+@dataclass
+class ServeOptions:
+    repository: Path | None = None
+    model_control: str = "none"
+    load_models: list[str] = field(default_factory=list)
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    state_dir: Path = Path("~/.local/state/tegrad").expanduser()
+    max_message_bytes: int = 64 * 1024 * 1024
+    drain_timeout: float = 30.0
+
+
+class Health(HealthServicer):
+    """gRPC health: SERVING exactly when the server is ready (any service name, as Triton does)."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        super().__init__()
+        self._lifecycle = lifecycle
+
+    async def Check(self, request, context):
+        serving = self._lifecycle.ready()
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def track(self) -> None:
+        # Feeds Watch streams; Check reads readiness directly.
+        last = None
+        while True:
+            serving = self._lifecycle.ready()
+            if serving != last:
+                status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", INFERENCE_SERVICE):
+                    await self.set(name, status)
+                last = serving
+            await asyncio.sleep(0.5)
+
+
+async def serve(opts: ServeOptions) -> int:
+    repository = opts.repository or EMBEDDED_REPOSITORY
+    store = StateStore(opts.state_dir / "state.sqlite3")
+    models = ModelManager(repository, store, control_mode=opts.model_control, drain_timeout=opts.drain_timeout)
+    lifecycle = Lifecycle(models)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", opts.max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(models, lifecycle), server)
+    health = Health(lifecycle)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    grpc_port = server.add_insecure_port(f"{opts.host}:{opts.grpc_port}")
+    if grpc_port == 0:
+        log.error("cannot listen on %s:%d (in use?)", opts.host, opts.grpc_port)
+        return 1
+
+    from prometheus_client import start_http_server
+
+    metrics_server, metrics_thread = start_http_server(opts.metrics_port, addr=opts.host)
+    metrics_port = metrics_server.server_port
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lifecycle.request_stop, sig.name)
+
+    await server.start()
+    log.info("tegrad %s live: grpc=%s:%d metrics=%s:%d repository=%s", __version__, opts.host, grpc_port,
+             opts.host, metrics_port, repository)
+    background = [asyncio.ensure_future(health.track())]
+    interval = watchdog_interval()
+    if interval:
+        background.append(asyncio.ensure_future(lifecycle.watchdog(interval)))
+
+    await models.startup(opts.load_models)
+    lifecycle.started = True
+    loaded = len(models.loaded())
+    log.info("tegrad ready: %d model version(s) loaded, ready=%s", loaded, lifecycle.ready())
+    sd_notify(f"READY=1\nSTATUS=serving {loaded} model version(s)")
+
+    await lifecycle.stop_requested.wait()
+    lifecycle.draining = True
+    sd_notify("STOPPING=1\nSTATUS=draining")
+    log.info("draining: no new requests; waiting up to %.0f s for in-flight ones", opts.drain_timeout)
+    await server.stop(grace=opts.drain_timeout)
+    await models.shutdown()
+    for task in background:
+        task.cancel()
+    metrics_server.shutdown()
+    metrics_thread.join(timeout=5)
+    store.close()
+    log.info("tegrad stopped")
+    return 0

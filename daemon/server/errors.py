@@ -1,0 +1,50 @@
+"""The one place where exceptions become gRPC statuses (and metric outcomes)."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from daemon import errors
+
+log = logging.getLogger("tegrad.server")
+
+_CODES: dict[type, grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+}
+
+# Request outcomes for tegrad_requests_total (see telemetry.metrics.OUTCOMES).
+_OUTCOMES = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.NOT_FOUND: "invalid",
+    grpc.StatusCode.FAILED_PRECONDITION: "unavailable",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    for cls in type(exc).__mro__:
+        code = _CODES.get(cls)
+        if code is not None:
+            return code, str(exc)
+    log.exception("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error in tegrad: {type(exc).__name__}: {exc}"
+
+
+def outcome_of(code: grpc.StatusCode) -> str:
+    return _OUTCOMES.get(code, "error")
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code, message = status_of(exc)
+    await context.abort(code, message)

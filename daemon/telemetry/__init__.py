@@ -1,0 +1,1 @@
+"""Metrics (defined only in ``metrics``), Triton-style statistics and collectors."""

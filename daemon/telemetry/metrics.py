@@ -1,0 +1,85 @@
+"""Every Prometheus metric tegrad exports is defined here, and nowhere else.
+
+Names follow Prometheus conventions: ``tegrad_`` prefix, base units (seconds),
+``_total`` on counters (added by prometheus-client). Labels are bounded: model,
+version, and small fixed sets (stage, outcome, state).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+
+# The *_created series double the exposition size and no dashboard uses them.
+disable_created_metrics()
+
+# Latencies on a Jetson span tens of microseconds (tiny models) to seconds (queues under load).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("queue", "compute_input", "infer", "compute_output", "total")
+OUTCOMES = ("success", "invalid", "rejected", "deadline", "unavailable", "error")
+STATES = ("LOADING", "READY", "UNAVAILABLE", "UNLOADING")
+
+REQUESTS = Counter(
+    "tegrad_requests",
+    "Inference requests by model, version and outcome.",
+    ["model", "version", "outcome"],
+)
+REQUEST_DURATION = Histogram(
+    "tegrad_request_duration_seconds",
+    "Time spent per request in each stage (queue, compute_input, infer, compute_output) and in total.",
+    ["model", "version", "stage"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "tegrad_batch_size",
+    "Batch size of each model execution (after dynamic batching).",
+    ["model", "version"],
+    buckets=BATCH_BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "tegrad_queue_depth",
+    "Requests waiting in the model's scheduler queue.",
+    ["model", "version"],
+)
+INFLIGHT = Gauge(
+    "tegrad_inflight_requests",
+    "Requests accepted and not yet answered (queued or executing).",
+    ["model", "version"],
+)
+MODEL_STATE = Gauge(
+    "tegrad_model_state",
+    "1 for the state a model version is in, 0 for the others.",
+    ["model", "version", "state"],
+)
+MODEL_INFO = Gauge(
+    "tegrad_model_info",
+    "Always 1 for each loaded model version; labels carry backend, precision and engine id.",
+    ["model", "version", "backend", "precision", "engine_id"],
+)
+
+
+def set_model_state(model: str, version: str, state: str) -> None:
+    for s in STATES:
+        MODEL_STATE.labels(model, version, s).set(1 if s == state else 0)
+
+
+def set_model_info(model: str, version: str, backend: str, precision: str, engine_id: str) -> None:
+    MODEL_INFO.labels(model, version, backend, precision, engine_id).set(1)
+
+
+def forget_model_version(model: str, version: str) -> None:
+    """Drop the per-version series of a version that is gone, keeping its final state."""
+    for metric in (MODEL_INFO,):
+        for labels in list(metric._metrics):  # prometheus-client keeps children keyed by label tuples
+            if labels[:2] == (model, version):
+                metric.remove(*labels)
+    for gauge in (QUEUE_DEPTH, INFLIGHT):
+        gauge.labels(model, version).set(0)
+
+
+def exposition() -> bytes:
+    from prometheus_client import generate_latest
+
+    return generate_latest(REGISTRY)
