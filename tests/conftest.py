@@ -1,0 +1,26 @@
+"""Shared pytest set-up.
+
+tritonclient and tegrad's generated modules both define the protobuf package
+``inference`` and cannot live in one process, so ``tests/interop`` (which
+imports tritonclient and runs tegrad as a separate process) is collected only
+when pytest is pointed at it: ``make test`` runs the two sessions one after
+the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+INTEROP = Path(__file__).parent / "interop"
+
+
+def _targets_interop_only(config) -> bool:
+    args = [Path(str(a).split("::")[0]).resolve() for a in config.args] or [Path.cwd()]
+    return all(p == INTEROP or INTEROP in p.parents for p in args)
+
+
+def pytest_ignore_collect(collection_path, config):
+    path = Path(collection_path)
+    if (path == INTEROP or INTEROP in path.parents) and not _targets_interop_only(config):
+        return True
+    return None
