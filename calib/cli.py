@@ -1,0 +1,464 @@
+"""Command-line front end of ``calib`` (``tegrad calibrate | quantize | sensitivity | cache | evaluate``).
+
+``register(subparsers)`` adds the subcommands to the daemon's argparse parser;
+each sets ``func`` to a function ``(args) -> int`` (the exit code). ``main``
+runs them standalone (``python -m calib.cli``).
+
+Exit codes: 0 success, 2 bad input (missing file, invalid option, cache that
+does not fit the model), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from calib.preprocess import (
+    ANCHORS,
+    COLORS,
+    DTYPES,
+    INTERPOLATIONS,
+    LAYOUTS,
+    PRESETS,
+    RESIZE_MODES,
+    PreprocessSpec,
+)
+
+ALGORITHMS = ("max", "entropy", "percentile", "mse")
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+
+
+class _UsageError(ValueError):
+    pass
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = [p for p in text.lower().replace("x", ",").split(",") if p.strip()]
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH or one number, got {text!r}") from None
+    if len(vals) == 1:
+        return (vals[0], vals[0])
+    if len(vals) == 2:
+        return (vals[0], vals[1])
+    raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH or one number, got {text!r}")
+
+
+def _add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, metavar="PATH",
+                   help="image folder (preprocessed with the options below) or .npy/.npz file")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="use at most N samples")
+    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="samples per inference (default 8)")
+    g.add_argument("--input-name", default=None, help="model input the data feeds (default: the only input)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pp = p.add_argument_group("preprocessing (image folders)")
+    pp.add_argument("--preset", choices=sorted(PRESETS), help="start from a known model's preprocessing")
+    pp.add_argument("--preprocess", metavar="JSON", help="PreprocessSpec as a JSON file or inline JSON object")
+    pp.add_argument("--resize", choices=RESIZE_MODES)
+    pp.add_argument("--size", type=_size, metavar="H,W", help="model input height,width")
+    pp.add_argument("--resize-short", type=int, metavar="N", help="center-crop: resize the short side to N first")
+    pp.add_argument("--anchor", choices=ANCHORS, help="letterbox placement")
+    pp.add_argument("--pad-value", type=_floats, metavar="V[,V,V]")
+    pp.add_argument("--interpolation", choices=sorted(INTERPOLATIONS))
+    pp.add_argument("--color", choices=COLORS)
+    pp.add_argument("--mean", type=_floats, metavar="M[,M,M]")
+    pp.add_argument("--std", type=_floats, metavar="S[,S,S]")
+    pp.add_argument("--scale", type=_floats, metavar="S[,S,S]", help="y = x*scale + offset")
+    pp.add_argument("--offset", type=_floats, metavar="O[,O,O]")
+    pp.add_argument("--layout", choices=LAYOUTS)
+    pp.add_argument("--dtype", choices=DTYPES)
+
+
+_SPEC_FLAGS = ("resize", "size", "resize_short", "anchor", "pad_value", "interpolation", "color",
+               "mean", "std", "scale", "offset", "layout", "dtype")
+
+
+def spec_from_args(args: argparse.Namespace) -> PreprocessSpec | None:
+    """PreprocessSpec from --preset / --preprocess plus individual overrides (None if nothing given)."""
+    base: dict[str, Any] | None = None
+    if getattr(args, "preset", None):
+        base = PRESETS[args.preset].to_dict()
+    if getattr(args, "preprocess", None):
+        text = args.preprocess
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text(encoding="utf-8")
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _UsageError(f"--preprocess: invalid JSON: {exc}") from None
+        base = {**(base or {}), **loaded}
+    overrides = {k: getattr(args, k) for k in _SPEC_FLAGS if getattr(args, k, None) is not None}
+    if base is None and not overrides:
+        return None
+    merged = {**(base or {}), **overrides}
+    if overrides.get("resize") not in (None, "center-crop"):
+        merged.pop("resize_short", None)
+    if "mean" in overrides or "std" in overrides:
+        merged.pop("scale", None)
+        merged.pop("offset", None)
+    if "scale" in overrides or "offset" in overrides:
+        merged.pop("mean", None)
+        merged.pop("std", None)
+    if "size" not in merged:
+        raise _UsageError("preprocessing needs --size (or --preset / --preprocess)")
+    return PreprocessSpec.from_dict(merged)
+
+
+def _data_source(args: argparse.Namespace, spec: PreprocessSpec | None) -> Any:
+    from calib.datasets import as_source
+
+    path = Path(args.data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path}: no such file or directory")
+    if path.is_dir() and spec is None:
+        raise _UsageError(f"--data {path} is an image folder: give its preprocessing (--preset, --preprocess or --size ...)")
+    return as_source(path, spec=spec, limit=args.limit)
+
+
+class _Feeds:
+    """Re-iterable batches of a source: sensitivity analysis walks the data more than once."""
+
+    def __init__(self, source: Any, input_name: str, batch_size: int) -> None:
+        self.source, self.input_name, self.batch_size = source, input_name, batch_size
+
+    def __iter__(self) -> Any:
+        from calib.datasets import batches
+
+        return batches(self.source, self.input_name, self.batch_size)
+
+
+def _feeds(args: argparse.Namespace, model: str, spec: PreprocessSpec | None) -> _Feeds:
+    import onnx
+
+    name = args.input_name
+    if name is None:
+        proto = onnx.load(model, load_external_data=False)
+        inits = {i.name for i in proto.graph.initializer}
+        inputs = [i.name for i in proto.graph.input if i.name not in inits]
+        if len(inputs) != 1:
+            raise _UsageError(f"{model} has inputs {inputs}: choose one with --input-name")
+        name = inputs[0]
+    return _Feeds(_data_source(args, spec), name, args.batch_size)
+
+
+def _default_out(model: str, suffix: str) -> Path:
+    p = Path(model)
+    return p.with_name(p.stem + suffix)
+
+
+# ---- calibrate -----------------------------------------------------------------------------------
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from calib import algorithms
+    from calib.cache import CalibrationCache, atomic_write_text
+    from calib.observe import Observations, observe
+
+    spec = spec_from_args(args)
+    method = args.algorithm
+    params: dict[str, Any] = {}
+    if args.percentile is not None:
+        if method != "percentile":
+            raise _UsageError("--percentile only applies to --algorithm percentile")
+        params["percentile"] = args.percentile
+    if args.observations:
+        obs = Observations.load(args.observations)
+        from calib.cache import model_sha256
+
+        if obs.model_sha256 != model_sha256(args.model):
+            raise _UsageError(f"{args.observations} was collected on another model")
+    else:
+        source = _data_source(args, spec)
+        obs = observe(
+            args.model,
+            source,
+            batch_size=args.batch_size,
+            input_name=args.input_name,
+            histogram=method != "max" or bool(args.save_observations),
+            progress=not args.no_progress,
+        )
+        if args.save_observations:
+            obs.save(args.save_observations)
+    amax = algorithms.compute_all(obs, method, **params)
+    provenance = dict(obs.source or {})
+    provenance["model"] = os.fspath(args.model)
+    cache = CalibrationCache(
+        amax=amax,
+        algorithm=method,
+        params=algorithms.resolved_params(method, **params),
+        num_samples=obs.num_samples,
+        model_sha256=obs.model_sha256,
+        preprocess=spec.to_dict() if spec is not None else None,
+        source=provenance,
+    )
+    out = Path(args.out) if args.out else _default_out(args.model, ".calib.json")
+    atomic_write_text(out, cache.to_json())
+    print(f"wrote {out}: {len(amax)} tensors, {method}, {obs.num_samples} samples")
+    if args.trt_out:
+        atomic_write_text(args.trt_out, cache.to_trt_text(trt_version=args.trt_version))
+        print(f"wrote {args.trt_out} (TensorRT calibration cache)")
+    return 0
+
+
+# ---- quantize ------------------------------------------------------------------------------------
+def _save_model(model: Any, out: Path) -> None:
+    try:
+        from calib.graph import save_atomic
+    except ImportError:  # pragma: no cover - calib.graph ships with calib
+        import onnx
+
+        tmp = out.with_name(f".{out.name}.tmp")
+        onnx.save(model, tmp)
+        os.replace(tmp, out)
+        return
+    save_atomic(model, out)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from calib.cache import CalibrationCache
+    from calib.lower import lower
+
+    amax = None
+    if args.precision in ("int8", "mixed"):
+        if not args.cache:
+            raise _UsageError(f"--precision {args.precision} needs --cache")
+        cache = CalibrationCache.load(args.cache)
+        if not args.no_check:
+            cache.check_against(args.model)
+        amax = cache.amax
+    elif args.cache:
+        print(f"note: --cache is not used for --precision {args.precision}", file=sys.stderr)
+    model = lower(args.model, args.precision, amax=amax, exclude=args.exclude or (),
+                  exclude_precision=args.exclude_precision, target=args.target)
+    out = Path(args.out) if args.out else _default_out(args.model, f".{args.precision}.onnx")
+    _save_model(model, out)
+    print(f"wrote {out} ({args.precision}, target {args.target})")
+    return 0
+
+
+# ---- sensitivity ---------------------------------------------------------------------------------
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from calib import sensitivity
+    from calib.cache import CalibrationCache
+
+    cache = CalibrationCache.load(args.cache)
+    if not args.no_check:
+        cache.check_against(args.model)
+    spec = spec_from_args(args)
+    if spec is None and cache.preprocess is not None:
+        spec = PreprocessSpec.from_dict(cache.preprocess)
+    data = _feeds(args, args.model, spec)
+    report = sensitivity.analyze(args.model, cache.amax, data, max_samples=args.max_samples)
+    plan = sensitivity.plan(report, args.model, cache.amax, data, min_top1=args.min_top1)
+    rows = sorted(report.rows, key=lambda r: (r.top1_agreement, r.cosine))
+    print(f"{'rank':>4}  {'top1 agree':>10}  {'cosine':>8}  {'rel err':>8}  layer")
+    for i, r in enumerate(rows, 1):
+        print(f"{i:>4}  {r.top1_agreement:>10.4f}  {r.cosine:>8.5f}  {r.rel_error:>8.4f}  {r.layer}")
+    excluded = list(plan.excluded)
+    print(f"\nsuggested exclusion ({len(excluded)} of {plan.total_layers} layers; "
+          f"{len(plan.int8_layers)} stay INT8, min top-1 agreement {args.min_top1}):")
+    print("  " + (" ".join(f"--exclude '{n}'" for n in excluded) if excluded else "(none)"))
+    if args.json:
+        from calib.cache import atomic_write_text
+
+        doc = {
+            "model": os.fspath(args.model),
+            "cache": os.fspath(args.cache),
+            "rows": [
+                {"layer": r.layer, "top1_agreement": r.top1_agreement, "cosine": r.cosine, "rel_error": r.rel_error}
+                for r in rows
+            ],
+            "excluded": excluded,
+            "int8_layers": list(plan.int8_layers),
+            "total_layers": plan.total_layers,
+            "min_top1": args.min_top1,
+        }
+        atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+# ---- cache convert -------------------------------------------------------------------------------
+def _format_of(path: str, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix in (".cache", ".calib", ".txt", ".table", ".bin"):
+        return "trt"
+    raise _UsageError(f"cannot tell the format of {path} from its extension; pass --to json|trt")
+
+
+def cmd_cache_convert(args: argparse.Namespace) -> int:
+    from calib.cache import CalibrationCache, atomic_write_text
+
+    cache = CalibrationCache.load(args.input)
+    fmt = _format_of(args.output, args.to)
+    if fmt == "json":
+        text = cache.to_json()
+    else:
+        text = cache.to_trt_text(trt_version=args.trt_version, algorithm=args.trt_algorithm)
+    atomic_write_text(args.output, text)
+    print(f"wrote {args.output} ({'tegrad JSON' if fmt == 'json' else 'TensorRT text'}, {len(cache.amax)} tensors)")
+    return 0
+
+
+# ---- evaluate ------------------------------------------------------------------------------------
+def _load_labels(path: str, data: Any) -> Any:
+    import numpy as np
+
+    p = Path(path)
+    if p.suffix.lower() == ".npy":
+        return np.load(p, allow_pickle=False)
+    if p.suffix.lower() == ".csv":
+        import csv
+
+        with open(p, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r]
+        if rows and not rows[0][1].strip().lstrip("-").isdigit():
+            rows = rows[1:]  # header
+        by_name = {r[0].strip(): int(r[1]) for r in rows}
+        files = getattr(data, "files", None)
+        if files is None:
+            return np.array([int(r[1]) for r in rows])
+        missing = [f.name for f in files if f.name not in by_name]
+        if missing:
+            raise _UsageError(f"{p}: no label for {missing[:5]}")
+        return np.array([by_name[f.name] for f in files])
+    return np.array([int(line) for line in p.read_text(encoding="utf-8").split() if line.strip()])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from calib import evaluate
+
+    spec = spec_from_args(args)
+    data = _feeds(args, args.reference, spec)
+    labels = _load_labels(args.labels, data.source) if args.labels else None
+    result = evaluate.evaluate(args.reference, args.candidate, data, labels=labels, task=args.task)
+    doc = result.as_dict()
+    text = json.dumps(doc, indent=2, default=float)
+    print(text)
+    if args.json:
+        from calib.cache import atomic_write_text
+
+        atomic_write_text(args.json, text + "\n")
+    return 0
+
+
+# ---- wiring --------------------------------------------------------------------------------------
+def _wrap(func: Callable[[argparse.Namespace], int], name: str) -> Callable[[argparse.Namespace], int]:
+    from calib.cache import CacheMismatchError
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (CacheMismatchError, _UsageError, FileNotFoundError, ValueError) as exc:
+            print(f"tegrad {name}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"tegrad {name}: interrupted", file=sys.stderr)
+            return 130
+
+    run.__name__ = func.__name__
+    run.__doc__ = func.__doc__
+    return run
+
+
+def register(subparsers: Any) -> None:
+    """Add ``calibrate``, ``quantize``, ``sensitivity``, ``cache`` and ``evaluate`` to ``subparsers``."""
+    p = subparsers.add_parser("calibrate", help="collect activation ranges and write a calibration cache",
+                              description="Run the model over calibration data with ONNX Runtime and "
+                                          "write a portable calibration cache (JSON).")
+    p.add_argument("model", help="ONNX model")
+    _add_data_options(p, required=False)
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="entropy", help="amax selection (default entropy)")
+    p.add_argument("--percentile", type=float, default=None, help="for --algorithm percentile (default 99.99)")
+    p.add_argument("-o", "--out", help="output JSON (default <model>.calib.json)")
+    p.add_argument("--trt-out", metavar="PATH", help="also write a TensorRT calibration cache")
+    p.add_argument("--trt-version", default=None, help="TensorRT version in the header (default 100300)")
+    p.add_argument("--save-observations", metavar="NPZ", help="keep the histograms to try other algorithms later")
+    p.add_argument("--observations", metavar="NPZ", help="use saved histograms instead of running the model")
+    p.set_defaults(func=_wrap(_require_data(cmd_calibrate), "calibrate"))
+
+    p = subparsers.add_parser("quantize", help="lower an ONNX model to fp16 / int8 / mixed precision",
+                              description="Insert Q/DQ (from a calibration cache) and/or FP16 casts.")
+    p.add_argument("model", help="ONNX model")
+    p.add_argument("--cache", help="calibration cache (tegrad JSON or TensorRT text)")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="node name or fnmatch pattern kept out of INT8 (repeatable)")
+    p.add_argument("--exclude-precision", choices=("fp16", "fp32"), default="fp16",
+                   help="precision of excluded layers in --precision mixed")
+    p.add_argument("--target", choices=("tensorrt", "cpu"), default="tensorrt")
+    p.add_argument("--no-check", action="store_true", help="skip the model-hash / tensor-name check of the cache")
+    p.add_argument("-o", "--out", help="output ONNX (default <model>.<precision>.onnx)")
+    p.set_defaults(func=_wrap(cmd_quantize, "quantize"))
+
+    p = subparsers.add_parser("sensitivity", help="rank layers by INT8 sensitivity and suggest exclusions")
+    p.add_argument("model", help="ONNX model")
+    p.add_argument("--cache", required=True, help="calibration cache")
+    _add_data_options(p)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement the plan must keep")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.set_defaults(func=_wrap(cmd_sensitivity, "sensitivity"))
+
+    p = subparsers.add_parser("cache", help="calibration cache tools")
+    sub = p.add_subparsers(dest="cache_command", metavar="{convert}")
+    sub.required = True
+    c = sub.add_parser("convert", help="convert between tegrad JSON and TensorRT text caches",
+                       description="Format by extension (.json = tegrad, .cache/.calib/.txt = TensorRT) or --to.")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--to", choices=("json", "trt"))
+    c.add_argument("--trt-version", default=None, help="header version for TensorRT output")
+    c.add_argument("--trt-algorithm", default=None, help="header algorithm for TensorRT output")
+    c.set_defaults(func=_wrap(cmd_cache_convert, "cache convert"))
+
+    p = subparsers.add_parser("evaluate", help="compare a lowered model against its reference")
+    p.add_argument("reference", help="reference ONNX (usually fp32)")
+    p.add_argument("candidate", help="candidate ONNX (fp16 / int8 / mixed)")
+    _add_data_options(p)
+    p.add_argument("--labels", help="labels: .npy, .csv (filename,class) or one integer per line")
+    p.add_argument("--task", choices=("classification", "detection"), default="classification")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.set_defaults(func=_wrap(cmd_evaluate, "evaluate"))
+
+
+def _require_data(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        if not args.data and not args.observations:
+            raise _UsageError("give --data (or --observations)")
+        return func(args)
+
+    return run
+
+
+def build_parser(prog: str = "tegrad") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="tegrad calibration tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
