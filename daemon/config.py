@@ -108,6 +108,9 @@ class ModelConfig(_Strict):
     max_batch: int = Field(default=0, ge=0, le=4096)
     instances: int = Field(default=1, ge=1, le=64)
     default_model_filename: str = "model.onnx"
+    # Models whose recent executions took less than this run on the event loop thread,
+    # skipping two thread hand-offs (0 disables).
+    inline_below_us: int = Field(default=300, ge=0, le=100_000)
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     dynamic_batching: DynamicBatching = Field(default_factory=DynamicBatching)
     input: list[TensorConfig] = Field(default_factory=list)

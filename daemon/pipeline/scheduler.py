@@ -48,6 +48,9 @@ class SchedulerOptions:
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256
+    # Executions that recently took less than this run on the event loop thread itself:
+    # handing a sub-millisecond inference to a slot thread and back costs more than it.
+    inline_below_us: int = 300
 
 
 class Scheduler:
@@ -64,6 +67,7 @@ class Scheduler:
         ]
         self._workers = [asyncio.ensure_future(self._worker(i)) for i in range(options.instances)]
         self._busy = 0
+        self._recent_infer_ns: float | None = None  # moving average; None until measured
         # Batch target: the largest preferred size, else max_batch.
         prefs = [p for p in options.preferred_batch_sizes if p <= options.max_batch]
         self._target = max(prefs) if prefs else options.max_batch
@@ -160,7 +164,10 @@ class Scheduler:
                 continue
             self._busy += 1
             try:
-                outputs, timing = await loop.run_in_executor(executor, self._execute, live, slot)
+                if self._runs_inline(sum(p.batch_size for p in live)):
+                    outputs, timing = self._execute(live, slot)
+                else:
+                    outputs, timing = await loop.run_in_executor(executor, self._execute, live, slot)
             except Exception as exc:  # a backend failure fails this batch, never the worker
                 err = exc if isinstance(exc, (ResourceExhausted,)) else Internal(f"model {self._label}: inference failed: {exc}")
                 for p in live:
@@ -171,11 +178,23 @@ class Scheduler:
                 self._busy -= 1
                 if self._stopping and not self._pending:
                     self._wakeup.set()
+            per_item = timing.infer_ns / timing.execution_batch
+            avg = self._recent_infer_ns
+            self._recent_infer_ns = per_item if avg is None else 0.8 * avg + 0.2 * per_item
             self._stats.execution(timing.execution_batch, timing.input_ns, timing.infer_ns, timing.output_ns)
             for p, out in zip(live, outputs):
                 if not p.future.done():
                     t = Timing(now - p.enqueued_ns, timing.input_ns, timing.infer_ns, timing.output_ns, timing.execution_batch)
                     p.future.set_result((out, t))
+
+    def _runs_inline(self, items: int) -> bool:
+        # Predicted from the per-item average, so a large batch of a small model still
+        # goes to a thread; only one inline execution at a time (the loop is one slot).
+        return (
+            self._recent_infer_ns is not None
+            and self._recent_infer_ns * items < self._opt.inline_below_us * 1000
+            and self._busy == 1
+        )
 
     def _execute(self, group: list[_Pending], slot: int) -> tuple[list[dict[str, np.ndarray]], Timing]:
         t0 = time.perf_counter_ns()

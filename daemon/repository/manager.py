@@ -195,6 +195,7 @@ class ModelManager:
                     max_queue_delay_us=config.dynamic_batching.max_queue_delay_us,
                     preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_sizes),
                     max_queue_size=config.dynamic_batching.max_queue_size,
+                    inline_below_us=config.inline_below_us,
                 )
                 scheduler = Scheduler(engine, options, stats, f"{name}/{version}")
                 lv = LoadedVersion(name, version, config, engine, scheduler, stats, fingerprint)
