@@ -77,7 +77,7 @@ def test_model_metadata_and_config(client):
     assert cfg.name == "digits" and cfg.max_batch_size == 64 and cfg.backend == "onnxruntime"
     assert list(cfg.input[0].dims) == [1, 8, 8] and cfg.input[0].data_type == 11  # TYPE_FP32
     assert cfg.output[0].label_filename == "labels.txt"
-    assert cfg.instance_group[0].count == 1 and cfg.version_policy.latest.num_versions == 1
+    assert cfg.instance_group[0].count == 2 and cfg.version_policy.latest.num_versions == 1
     assert cfg.parameters["precision"].string_value == "fp32"
     assert len(cfg.parameters["engine_id"].string_value) == 16
 
