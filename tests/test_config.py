@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+
+from daemon.config import VersionPolicy, load_model_config, parse_model_config
+from daemon.errors import ConfigError
+
+PATH = Path("repo/m/config.toml")
+
+
+def test_defaults_and_name_from_directory():
+    cfg = parse_model_config("", PATH, "m")
+    assert cfg.name == "m" and cfg.max_batch == 0 and cfg.instances == 1 and cfg.precision == "fp32"
+    assert cfg.version_policy.select([3, 1, 2]) == [3]
+
+
+@pytest.mark.parametrize(
+    "text, key, words",
+    [
+        ("max_batch = -1", "max_batch", "greater than or equal to 0"),
+        ("instanses = 2", "instanses", "unknown key"),
+        ('[[input]]\nname = "x"\ndatatype = "FP33"\ndims = [1]', "input.0.datatype", "unknown datatype 'FP33'"),
+        ('[[input]]\nname = "x"\ndatatype = "FP32"\ndims = [0]', "input.0.dims", "positive"),
+        ('precision = "int4"', "precision", "fp32"),
+        ("[version_policy]\nlatest = 2\nall = true", "version_policy", "only one"),
+        ("max_batch = 4\n[dynamic_batching]\npreferred_batch_sizes = [8]", "(top level)", "exceed max_batch"),
+        ('[[output]]\nname = "y"\ndatatype = "FP32"\ndims = [2]\n[[output]]\nname = "y"\ndatatype = "FP32"\ndims = [2]', "(top level)", "duplicate output names: y"),
+        ("max_batch = [", "", "not valid TOML"),
+        ('name = "other"', "name", "does not match the directory name"),
+    ],
+)
+def test_errors_name_file_key_and_problem(text, key, words):
+    with pytest.raises(ConfigError) as err:
+        parse_model_config(text, PATH, "m")
+    message = str(err.value)
+    assert message.startswith(str(PATH)) and key in message and words in message
+
+
+def test_version_policies():
+    assert VersionPolicy(latest=2).select([1, 5, 3]) == [3, 5]
+    assert VersionPolicy(all=True).select([2, 1]) == [1, 2]
+    assert VersionPolicy(specific=[1, 4]).select([1, 2, 3]) == [1]
+
+
+def test_embedded_digits_config_is_valid():
+    cfg = load_model_config(Path(__file__).resolve().parents[1] / "daemon" / "models" / "digits")
+    assert cfg.max_batch == 64 and cfg.output[0].labels == "labels.txt"
