@@ -25,10 +25,13 @@ serve: $(VENV)/.installed
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check daemon calib tests bench
-	$(BIN)/vermin --no-tips --violations -t=3.10- --eval-annotations --backport typing_extensions daemon calib
+	$(BIN)/vermin --no-tips --violations -t=3.10- --eval-annotations daemon calib bench
 
+# Two pytest sessions: tritonclient's generated protobuf package `inference` cannot share
+# a process with tegrad's own (see tests/conftest.py), so the interop tests run apart.
 test: lint
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest tests/interop
 
 protos: $(VENV)/.installed-test
 	$(BIN)/python -m daemon.protogen.generate
