@@ -26,6 +26,7 @@ log = logging.getLogger("tegrad")
 
 EMBEDDED_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_STREAM_GRACE_S = 0.5
 
 
 @dataclass
@@ -47,22 +48,26 @@ class Health(HealthServicer):
     def __init__(self, lifecycle: Lifecycle) -> None:
         super().__init__()
         self._lifecycle = lifecycle
+        self._last: bool | None = None
 
     async def Check(self, request, context):
         serving = self._lifecycle.ready()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
+    async def sync(self) -> None:
+        """Push readiness to Watch streams now (Check reads it directly)."""
+        serving = self._lifecycle.ready()
+        if serving != self._last:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", INFERENCE_SERVICE):
+                await self.set(name, status)
+            self._last = serving
+
     async def track(self) -> None:
-        # Feeds Watch streams; Check reads readiness directly.
-        last = None
+        # Model loads and unloads change readiness at any time; polling catches them.
         while True:
-            serving = self._lifecycle.ready()
-            if serving != last:
-                status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-                for name in ("", INFERENCE_SERVICE):
-                    await self.set(name, status)
-                last = serving
+            await self.sync()
             await asyncio.sleep(0.5)
 
 
@@ -109,15 +114,23 @@ async def serve(opts: ServeOptions) -> int:
 
     await models.startup(opts.load_models)
     lifecycle.started = True
+    await health.sync()  # watchers learn at once, not at the next poll
     loaded = len(models.loaded())
     log.info("tegrad ready: %d model version(s) loaded, ready=%s", loaded, lifecycle.ready())
     sd_notify(f"READY=1\nSTATUS=serving {loaded} model version(s)")
 
     await lifecycle.stop_requested.wait()
     lifecycle.draining = True
+    # Health NOT_SERVING, permanently, so load balancers move away while the server still
+    # answers: new inference requests get UNAVAILABLE with a reason, in-flight ones finish.
+    await health.enter_graceful_shutdown()
     sd_notify("STOPPING=1\nSTATUS=draining")
     log.info("draining: no new requests; waiting up to %.0f s for in-flight ones", opts.drain_timeout)
-    await server.stop(grace=opts.drain_timeout)
+    if not await lifecycle.wait_idle(opts.drain_timeout):
+        log.warning("drain timeout: cancelling %d request(s) still in flight", lifecycle.inflight)
+    # What is left holds no inference work (health watches, idle streams); a grace as long
+    # as the drain timeout would only keep those open and delay the exit.
+    await server.stop(grace=_STREAM_GRACE_S)
     await models.shutdown()
     for task in background:
         task.cancel()

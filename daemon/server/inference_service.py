@@ -121,7 +121,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 )
             self._check_repository(request.repository_name)
             self.models.check_control()
-            await self.models.load(request.model_name)
+            with self.lifecycle.working():
+                await self.models.load(request.model_name)
             return pb.RepositoryModelLoadResponse()
         except Exception as exc:
             await abort(context, exc)
@@ -130,7 +131,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self._check_repository(request.repository_name)
             self.models.check_control()
-            await self.models.unload(request.model_name)
+            with self.lifecycle.working():
+                await self.models.unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
         except Exception as exc:
             await abort(context, exc)
@@ -142,9 +144,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference --------------------------------------------------------------------------------
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        start = time.perf_counter_ns()
         if self.lifecycle.draining:
             raise Unavailable("tegrad is shutting down and accepts no new requests; retry on another instance")
+        with self.lifecycle.working():
+            return await self._infer_admitted(request, context)
+
+    async def _infer_admitted(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        start = time.perf_counter_ns()
         lv = self.models.resolve(request.model_name, request.model_version)
         lv.acquire()
         lv.stats.inflight.inc()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 
 log = logging.getLogger("tegrad.lifecycle")
 
@@ -47,9 +49,26 @@ class Lifecycle:
         self.started = False
         self.draining = False
         self.stop_requested = asyncio.Event()
+        self.inflight = 0  # requests doing work (inference, loads); the drain waits for them
 
     def ready(self) -> bool:
         return self.started and not self.draining and self.models.all_ready()
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight, at most ``timeout`` s; True if idle."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.inflight and loop.time() < end:
+            await asyncio.sleep(0.02)
+        return not self.inflight
 
     def request_stop(self, signame: str) -> None:
         if not self.stop_requested.is_set():
