@@ -260,14 +260,16 @@ class CalibrationCache:
             if "\n" in name:
                 raise ValueError(f"tensor name {name!r} cannot be written to a TensorRT cache")
             lines.append(f"{name}: {scale_to_hex(amax_to_scale(amax), pad=pad, upper=upper)}")
-        text = "\n".join(lines)
+        eol = "\r\n" if trt.get("line_ending") == "crlf" else "\n"
+        text = eol.join(lines)
         if trt.get("trailing_newline", True):
-            text += "\n"
+            text += eol
         return text
 
     @classmethod
     def from_trt_text(cls, text: str) -> CalibrationCache:
         """Parse a TensorRT calibration cache; amax = float32 scale × 127 (exact in float64)."""
+        crlf = "\r\n" in text  # caches edited on Windows; kept so re-export is byte-exact
         trailing = text.endswith("\n")
         lines = text.split("\n")
         if trailing:
@@ -311,6 +313,7 @@ class CalibrationCache:
                 "trt_version": m.group(1),
                 "trt_algorithm": m.group(2),
                 "trailing_newline": trailing,
+                "line_ending": "crlf" if crlf else "lf",
                 "hex_style": ("08" if hex_pad else "") + ("X" if hex_upper else "x"),
             },
         )

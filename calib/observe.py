@@ -279,6 +279,9 @@ def _make_session(model: onnx.ModelProto, providers: list[str] | None, intra_op_
     so = ort.SessionOptions()
     if intra_op_threads is not None:
         so.intra_op_num_threads = intra_op_threads
+    # Idle ORT worker threads spin by default, stealing the cores the histogram
+    # threads need between runs.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model.SerializeToString()
     return ort.InferenceSession(data, so, providers=providers or ["CPUExecutionProvider"])
 
@@ -397,7 +400,7 @@ def observe(
     data: SourceLike,
     tensors: Iterable[str] | None = None,
     *,
-    batch_size: int = 1,
+    batch_size: int = 8,
     spec: PreprocessSpec | None = None,
     limit: int | None = None,
     input_name: str | None = None,

@@ -79,6 +79,8 @@ def test_trt_text_round_trip_byte_exact(tmp_path) -> None:
 def test_trt_round_trip_of_odd_writers() -> None:
     no_newline = "TRT-100300-MinMaxCalibration\na: 3C010204\nb: 0554AD2E"
     assert CalibrationCache.from_trt_text(no_newline).to_trt_text() == no_newline
+    crlf = TRT_TEXT.replace("\n", "\r\n")
+    assert CalibrationCache.from_trt_text(crlf).to_trt_text() == crlf
     c = CalibrationCache.from_trt_text(TRT_TEXT)
     assert c.to_trt_text(trt_version="100300", algorithm="MinMaxCalibration").startswith(
         "TRT-100300-MinMaxCalibration\ninput: 3c010204\n")
