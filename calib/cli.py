@@ -251,41 +251,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 # ---- sensitivity ---------------------------------------------------------------------------------
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from calib import sensitivity
-    from calib.cache import CalibrationCache
+    from calib.cache import CalibrationCache, atomic_write_text
 
     cache = CalibrationCache.load(args.cache)
     if not args.no_check:
         cache.check_against(args.model)
     spec = spec_from_args(args)
     if spec is None and cache.preprocess is not None:
+        # The cache remembers how its calibration images were prepared.
         spec = PreprocessSpec.from_dict(cache.preprocess)
     data = _feeds(args, args.model, spec)
-    report = sensitivity.analyze(args.model, cache.amax, data, max_samples=args.max_samples)
-    plan = sensitivity.plan(report, args.model, cache.amax, data, min_top1=args.min_top1)
-    rows = sorted(report.rows, key=lambda r: (r.top1_agreement, r.cosine))
-    print(f"{'rank':>4}  {'top1 agree':>10}  {'cosine':>8}  {'rel err':>8}  layer")
-    for i, r in enumerate(rows, 1):
-        print(f"{i:>4}  {r.top1_agreement:>10.4f}  {r.cosine:>8.5f}  {r.rel_error:>8.4f}  {r.layer}")
+    labels = _load_labels(args.labels, data.source) if args.labels else None
+    report = sensitivity.analyze(args.model, cache.amax, data, max_samples=args.max_samples,
+                                 method=args.method, task=args.task, target=args.target,
+                                 progress=not args.no_progress)
+    plan = sensitivity.plan(report, args.model, cache.amax, data, min_top1=args.min_top1, labels=labels,
+                            task=args.task, target=args.target, exclude_precision=args.exclude_precision)
+    print(report.to_table())
     excluded = list(plan.excluded)
-    print(f"\nsuggested exclusion ({len(excluded)} of {plan.total_layers} layers; "
-          f"{len(plan.int8_layers)} stay INT8, min top-1 agreement {args.min_top1}):")
-    print("  " + (" ".join(f"--exclude '{n}'" for n in excluded) if excluded else "(none)"))
+    print(f"\nsuggested exclusion: {len(excluded)} of {plan.total_layers} layers out of INT8, "
+          f"{plan.int8_layers} stay INT8; budget {'met' if plan.met else 'NOT met'} ({plan.achieved})")
+    if excluded:
+        print("  tegrad quantize --precision mixed " + " ".join(f"--exclude '{n}'" for n in excluded))
     if args.json:
-        from calib.cache import atomic_write_text
-
-        doc = {
-            "model": os.fspath(args.model),
-            "cache": os.fspath(args.cache),
-            "rows": [
-                {"layer": r.layer, "top1_agreement": r.top1_agreement, "cosine": r.cosine, "rel_error": r.rel_error}
-                for r in rows
-            ],
-            "excluded": excluded,
-            "int8_layers": list(plan.int8_layers),
-            "total_layers": plan.total_layers,
-            "min_top1": args.min_top1,
-        }
-        atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
+        doc = {"model": os.fspath(args.model), "cache": os.fspath(args.cache),
+               "report": report.as_dict(), "plan": plan.as_dict()}
+        atomic_write_text(args.json, json.dumps(doc, indent=2, default=float) + "\n")
     return 0
 
 
@@ -410,8 +401,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", help="ONNX model")
     p.add_argument("--cache", required=True, help="calibration cache")
     _add_data_options(p)
-    p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement the plan must keep")
+    p.add_argument("--max-samples", type=int, default=None, help="samples used to rank layers")
+    p.add_argument("--method", choices=("single", "complement"), default="single",
+                   help="quantize only this layer (single) or all but this layer (complement)")
+    p.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement with FP32 the plan must keep")
+    p.add_argument("--labels", help="labels (.npy, .csv filename,class, or one integer per line): "
+                                    "budget becomes relative accuracy drop")
+    p.add_argument("--task", choices=("classification", "detection"), default="classification")
+    p.add_argument("--target", choices=("tensorrt", "cpu"), default="tensorrt")
+    p.add_argument("--exclude-precision", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.set_defaults(func=_wrap(cmd_sensitivity, "sensitivity"))

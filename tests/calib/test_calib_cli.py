@@ -140,3 +140,18 @@ def test_evaluate_prints_result(files, capsys) -> None:
 
 def test_build_parser_help() -> None:
     assert "calibrate" in build_parser().format_help()
+
+
+def test_sensitivity_ranks_and_plans(files, capsys) -> None:
+    pytest.importorskip("calib.sensitivity")
+    tmp, model, data = files
+    cache = tmp / "c.json"
+    assert main(["calibrate", model, "--data", data, "-o", str(cache), "--no-progress"]) == 0
+    report = tmp / "sens.json"
+    rc = main(["sensitivity", model, "--cache", str(cache), "--data", data, "--max-samples", "6",
+               "--json", str(report), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "conv" in out and "suggested exclusion" in out
+    doc = json.loads(report.read_text())
+    assert doc["plan"]["total_layers"] == 1 and [r["layer"] for r in doc["report"]["rows"]] == ["conv"]
