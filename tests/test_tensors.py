@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 
 from daemon.engines.base import TensorSpec, datatype_of
-from daemon.errors import Internal, InvalidArgument, ResourceExhausted
+from daemon.errors import Internal, InvalidArgument
 from daemon.protogen import grpc_service_pb2 as pb
 from daemon.server.tensors import (
     classify,
     decode_inputs,
     deserialize_bytes_tensor,
     encode_response,
-    ensure_message_size,
     requested_outputs,
     serialize_bytes_tensor,
 )
@@ -579,11 +578,3 @@ def test_full_request_to_response_path():
 
 
 # ----------------------------------------------------------------------------- message size
-
-
-def test_ensure_message_size():
-    ensure_message_size(100, 100)
-    with pytest.raises(ResourceExhausted) as info:
-        ensure_message_size(101, 100)
-    msg = str(info.value)
-    assert "101" in msg and "100" in msg and "--max-message-bytes" in msg

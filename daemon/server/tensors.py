@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from daemon.engines.base import TensorSpec
-from daemon.errors import Internal, InvalidArgument, ResourceExhausted
+from daemon.errors import Internal, InvalidArgument
 from daemon.protogen import grpc_service_pb2 as pb
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "decode_inputs",
     "deserialize_bytes_tensor",
     "encode_response",
-    "ensure_message_size",
     "requested_outputs",
     "serialize_bytes_tensor",
 ]
@@ -459,12 +458,3 @@ def encode_response(
             arr = arr.astype(wire)
         # tobytes() emits C order for any layout, so non-contiguous views need no special case.
         response.raw_output_contents.append(arr.tobytes())
-
-
-def ensure_message_size(request_byte_size: int, limit: int) -> None:
-    """Reject a request larger than ``limit`` bytes with RESOURCE_EXHAUSTED."""
-    if request_byte_size > limit:
-        raise ResourceExhausted(
-            f"the request is {request_byte_size} bytes, more than the server's limit of {limit} bytes; "
-            "restart tegrad with a larger --max-message-bytes to accept it"
-        )
