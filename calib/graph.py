@@ -215,8 +215,10 @@ def fold_constants(model: onnx.ModelProto, max_elements: int = 1 << 20) -> onnx.
     graph = model.graph
     g = Graph(model)
     values: dict[str, np.ndarray] = {}
+    overridable = {i.name for i in graph.input}  # IR < 4: an initializer a feed may replace
     for name in g.initializers:
-        values[name] = None  # type: ignore[assignment]  # loaded lazily
+        if name not in overridable:
+            values[name] = None  # type: ignore[assignment]  # loaded lazily
     folded: list[onnx.NodeProto] = []
     kept: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []

@@ -58,16 +58,11 @@ from .graph import (
 
 TARGETS = ("tensorrt", "cpu")
 
-#: Ops that only move, select or clamp values: quantization commutes with them.
-COMMUTING_OPS = frozenset(
-    {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Pad", "Relu", "Identity"}
-)
-
 _WEIGHT_QMAX = 127
 _ACT_QMAX = 127
 
 
-class MissingAmaxError(KeyError):
+class MissingAmaxError(KeyError, ValueError):
     """The calibration cache lacks amax for tensors the int8 graph needs."""
 
     def __init__(self, tensors: list[str]):
@@ -119,11 +114,8 @@ def weight_axis(node: onnx.NodeProto, index: int, ndim: int) -> int | None:
 
 
 def _quantized_inputs(node: onnx.NodeProto) -> list[int]:
-    if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
-        return [0, 1]
-    if node.op_type == "MatMul":
-        return [0, 1]
-    return []
+    # Data and weight; the bias (input 2 of Conv/ConvTranspose/Gemm) stays float.
+    return [0, 1] if node.op_type in WEIGHTED_OPS else []
 
 
 def _from_weighted(g: Graph, tensor: str, quantized: set[str]) -> onnx.NodeProto | None:
@@ -335,6 +327,8 @@ def insert_qdq(
     """Return ``model`` (modified in place, opset ≥ 13) with Q/DQ inserted for ``target``."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for n in model.graph.node):
+        raise ValueError("model is already quantized (it has Q/DQ or QLinear nodes); lower the float model instead")
     model = ensure_opset(model)
     if target == "cpu":
         model = fold_batchnorm(model)
@@ -359,7 +353,7 @@ def insert_qdq(
         q_in = tensor
         if tensor in plan.chains:
             q_in, chain = plan.chains[tensor]
-            last = _chain_to_integer(g, chain, q_out, scale, int(act_zp), dq_out)
+            last = _chain_to_integer(g, chain, q_out, scale, int(act_zp))
         q_node = helper.make_node("QuantizeLinear", [q_in, s_name, z_name], [q_out], name=g.unique(f"{tensor}_QuantizeLinear"))
         dq_node = helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=g.unique(f"{tensor}_DequantizeLinear"))
         if tensor in plan.chains:
@@ -409,7 +403,7 @@ def insert_qdq(
     return model
 
 
-def _chain_to_integer(g: Graph, chain, q_in: str, scale: float, zero_point: int, dq_out: str) -> str:
+def _chain_to_integer(g: Graph, chain, q_in: str, scale: float, zero_point: int) -> str:
     """Make ``chain`` (value-preserving ops) run on the uint8 tensor ``q_in``; returns its end."""
 
     def q(value) -> np.ndarray:
@@ -437,7 +431,6 @@ def _chain_to_integer(g: Graph, chain, q_in: str, scale: float, zero_point: int,
                 node.input.append("")
             node.input[2] = g.add_initializer(f"{node.name}_constant_value", q(pad_value))
         cur = node.output[0]
-    _ = dq_out
     return cur
 
 

@@ -136,17 +136,19 @@ def _cut(batch, n: int):
 
 def quantizable_layers(model: onnx.ModelProto) -> list[tuple[str, str]]:
     """(name, op type) of the weighted layers INT8 lowering quantizes, in graph order."""
-    m = fold_constants(load(model))
+    m = load(model)
     ensure_node_names(m)
-    plan = _qdq.build_plan(m, (), "tensorrt")
+    plan = _qdq.build_plan(fold_constants(m), (), "tensorrt")
     return [(n.name, n.op_type) for n in plan.quantized_nodes]
 
 
 def _prepared(model) -> onnx.ModelProto:
     """Fold and upgrade once, so the per-layer graphs skip that work."""
-    base = ensure_opset(fold_constants(load(model)))
+    # Same order as lower(): unnamed nodes get their names before folding renumbers them,
+    # so report names can be passed to lower(..., exclude=...) on the original model.
+    base = load(model)
     ensure_node_names(base)
-    return base
+    return ensure_opset(fold_constants(base))
 
 
 def _int8_graph(base: onnx.ModelProto, amax, excluded: Iterable[str], target: str, exclude_precision: str | None):
