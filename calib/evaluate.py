@@ -162,6 +162,20 @@ def _is_batched(labels) -> bool:
     return isinstance(labels, list | tuple) and len(labels) > 0 and np.ndim(labels[0]) >= 1
 
 
+def detection_defaults(model, detection: Mapping | None) -> dict:
+    """Fill in ``input_hw`` for YOLOX decoding from the model's NCHW input when not given."""
+    params = dict(detection or {})
+    if params.get("layout", "yolox") == "yolox" and "input_hw" not in params:
+        if isinstance(model, onnx.ModelProto):
+            dims = model.graph.input[0].type.tensor_type.shape.dim
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        else:
+            shape = session(model).get_inputs()[0].shape
+        if len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[2:]):
+            params["input_hw"] = (int(shape[2]), int(shape[3]))
+    return params
+
+
 def evaluate(
     reference,
     candidate,
@@ -182,11 +196,7 @@ def evaluate(
     """
     batches = list(data)
     if task == "detection":
-        detection = dict(detection or {})
-        if detection.get("layout", "yolox") == "yolox" and "input_hw" not in detection:
-            shape = session(reference).get_inputs()[0].shape
-            if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
-                detection["input_hw"] = (shape[2], shape[3])
+        detection = detection_defaults(reference, detection)
     ref_out = run_batches(reference, batches, output)
     cand_out = run_batches(candidate, batches, output)
     return compare_outputs(ref_out, cand_out, labels=labels, task=task, detection=detection)

@@ -28,7 +28,7 @@ import onnx
 
 from . import lower as _lower
 from . import qdq as _qdq
-from .evaluate import EvalResult, compare_outputs, run_batches
+from .evaluate import EvalResult, compare_outputs, detection_defaults, run_batches
 from .graph import ensure_node_names, ensure_opset, fold_constants, load
 
 
@@ -181,6 +181,8 @@ def analyze(
         raise ValueError(f"unknown method {method!r}; expected 'single' or 'complement'")
     t0 = time.perf_counter()
     base = _prepared(model)
+    if task == "detection":
+        detection = detection_defaults(base, detection)
     layers = quantizable_layers(base)
     names = [n for n, _ in layers]
     batches = _take(data, max_samples)
@@ -229,6 +231,8 @@ def plan(
     ``data`` (use held-out data, not the calibration set).
     """
     base = _prepared(model)
+    if task == "detection":
+        detection = detection_defaults(base, detection)
     batches = list(data)
     total = len(quantizable_layers(base))
     if labels is not None and max_rel_acc_drop is None:

@@ -78,3 +78,18 @@ def test_errors():
         compare_outputs([np.zeros((1, 2))], [np.zeros((1, 3))])
     with pytest.raises(ValueError, match="labels"):
         compare_outputs([np.zeros((2, 2))], [np.zeros((2, 2))], labels=[0, 1, 1])
+
+
+def test_detection_defaults_take_input_size_from_the_model():
+    from calib.evaluate import detection_defaults
+
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["images"], ["out"])],
+        "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 416, 320])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 416, 320])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    assert detection_defaults(m, None) == {"input_hw": (416, 320)}
+    assert detection_defaults(m, {"input_hw": (32, 32)}) == {"input_hw": (32, 32)}
+    assert detection_defaults(m, {"layout": "yolov8"}) == {"layout": "yolov8"}
