@@ -223,3 +223,20 @@ def test_weight_quantization_guards_zero_channels():
     q, scale = qdq.quantize_weight(w, 0)
     assert np.isfinite(scale).all() and (scale > 0).all()
     assert not q[0].any() and (q[1] == 127).all()
+
+
+def test_cpu_variant_fuses_every_conv_in_onnx_runtime(tmp_path):
+    import onnxruntime as ort
+
+    model = G.residual()
+    x = np.random.default_rng(9).standard_normal((1, 3, 6, 6)).astype(np.float32)
+    amax = G.observe_amax(model, x, qdq.activation_tensors_to_quantize(model))
+    u8 = qdq.insert_qdq(G.residual(), amax, target="cpu")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(u8.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    # conv3 writes the model output, which stays float: ONNX Runtime cannot fuse that one
+    assert ops.count("QLinearConv") == 3 and ops.count("Conv") == 1
+    assert ops.count("Clip") == 2  # relu0/relu1 run as uint8 Clip between fused convs
