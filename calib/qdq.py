@@ -25,13 +25,26 @@ Placement (``target="tensorrt"``, the portable graph):
   fusion and gain TensorRT nothing.
 * One pair per tensor, shared by every consumer that wants the quantized value; consumers
   that do not (Sigmoid, Softmax, an un-fused Add...) keep reading the float tensor.
+* AveragePool/GlobalAveragePool/Concat get no pair on their own inputs: they are cheap next
+  to the weighted layers and an extra pair costs accuracy and an extra amax. When they feed
+  a weighted op, that op's input pair sits on their output (Concat: TensorRT propagates the
+  Q back into the concatenated branches).
 
 ``target="cpu"`` (ONNX Runtime on x86) uses the same grid with uint8 activations and zero
 point 128 (S8 ``q`` equals U8 ``q + 128``), because ONNX Runtime's x86 kernels are fast for
-U8 activations only. Its QDQ fusion also needs DQ→op→Q units, so the CPU variant
-additionally quantizes the outputs of weighted ops and gives Conv/Gemm int32 biases
-(scale = s_x·s_w); those outputs are in :func:`activation_tensors_to_quantize` by default
-so one calibration cache serves both targets.
+U8 activations only. Its QDQ fusion needs DQ→op→Q units, so the CPU variant also:
+
+* moves the Q of a quantized tensor up to the weighted op that produces it when only
+  value-preserving ops lie between (Relu/Clip/Pad/MaxPool/Reshape/...), and runs those ops on
+  uint8 (Relu becomes Clip at the zero point): monotone ops commute with rounding, so the
+  numbers equal the TensorRT graph's and the layer fuses into QLinearConv;
+* quantizes the remaining outputs of weighted ops with their own amax (e.g. a projection
+  Conv feeding a residual Add, or a Conv followed by SiLU); model outputs stay float;
+* folds BatchNormalization into the preceding Conv and gives Conv/Gemm int32 biases
+  (scale s_x·s_w), which ONNX Runtime's QLinearConv/QGemm need.
+
+:func:`activation_tensors_to_quantize` lists what both targets need by default, so one
+calibration cache lowers for either.
 """
 
 from __future__ import annotations
