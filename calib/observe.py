@@ -196,11 +196,14 @@ class Observations(Mapping[str, TensorStats]):
         num_samples: int,
         model_sha256: str,
         source: dict[str, Any] | None = None,
+        graph_inputs: Iterable[str] = (),
     ) -> None:
         self.stats = dict(stats)
         self.num_samples = num_samples
         self.model_sha256 = model_sha256
         self.source = source
+        # Model inputs are calibrated differently (see algorithms.compute_all).
+        self.graph_inputs = tuple(n for n in graph_inputs if n in self.stats)
 
     def __getitem__(self, name: str) -> TensorStats:
         return self.stats[name]
@@ -216,6 +219,7 @@ class Observations(Mapping[str, TensorStats]):
         arrays: dict[str, np.ndarray] = {
             "__meta__": np.array([self.model_sha256, str(self.num_samples)]),
             "__names__": np.array(list(self.stats), dtype=object).astype(str),
+            "__inputs__": np.array(list(self.graph_inputs), dtype=object).astype(str),
         }
         for i, st in enumerate(self.stats.values()):
             for k, v in st.to_arrays().items():
@@ -231,7 +235,8 @@ class Observations(Mapping[str, TensorStats]):
             for i, name in enumerate(z["__names__"]):
                 arrays = {k: z[f"{i}/{k}"] for k in ("scalars", "count", "hist") if f"{i}/{k}" in z.files}
                 stats[str(name)] = TensorStats.from_arrays(str(name), arrays)
-        return cls(stats, int(n), sha)
+            inputs = [str(v) for v in z["__inputs__"]] if "__inputs__" in z.files else []
+        return cls(stats, int(n), sha, graph_inputs=inputs)
 
 
 def _load_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx.ModelProto, str]:
@@ -497,4 +502,4 @@ def observe(
         worker.finish()
     if num_samples == 0:
         raise ValueError("the calibration data is empty")
-    return Observations(stats, num_samples, sha, source=source.describe())
+    return Observations(stats, num_samples, sha, source=source.describe(), graph_inputs=graph_inputs)

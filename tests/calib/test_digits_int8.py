@@ -26,26 +26,37 @@ def _x(raw: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def setup():
-    model = onnx.load(MODEL)
-    try:
-        from calib.algorithms import compute_all
-        from calib.observe import observe
-    except ImportError:  # calibration side not installed: plain max over observed activations
-        import calib_graphs as G
+def observations():
+    from calib.observe import observe
 
-        from calib import qdq
+    return observe(onnx.load(MODEL), _x(np.load(CALIB)["x"]), progress=False)
 
-        amax = G.observe_amax(model, _x(np.load(CALIB)["x"]), qdq.activation_tensors_to_quantize(model))
-    else:
-        obs = observe(model, _x(np.load(CALIB)["x"]), progress=False)
-        # max, not entropy: the input takes 17 discrete levels (pixel/16) and the KL search
-        # picks amax 0.06 of 1.0 for it there, which wrecks accuracy.
-        amax = compute_all(obs, "max")
+
+@pytest.fixture(scope="module")
+def heldout_batches():
     held = np.load(HELDOUT)
     x, y = _x(held["x"]), held["y"]
-    batches = [x[i : i + 64] for i in range(0, len(x), 64)]
-    return model, amax, batches, y
+    return [x[i : i + 64] for i in range(0, len(x), 64)], y
+
+
+@pytest.fixture(scope="module")
+def setup(observations, heldout_batches):
+    from calib.algorithms import compute_all
+
+    return onnx.load(MODEL), compute_all(observations, "max"), *heldout_batches
+
+
+@pytest.mark.parametrize("method", ["max", "entropy", "percentile", "mse"])
+def test_every_algorithm_keeps_accuracy(observations, heldout_batches, method):
+    # The input takes 17 discrete levels (pixel/16); clipping methods must leave it alone.
+    from calib.algorithms import compute_all
+
+    amax = compute_all(observations, method)
+    assert amax["input"] == pytest.approx(1.0)
+    batches, y = heldout_batches
+    model = onnx.load(MODEL)
+    result = evaluate(model, L.lower(model, "int8", amax=amax, target="cpu"), batches, labels=y)
+    assert abs(result.accuracy_candidate - result.accuracy_reference) <= 0.01, result.as_dict()
 
 
 @pytest.mark.parametrize(
