@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .graph import Graph, ensure_node_names, infer_shapes, prune
+from .graph import Graph, ensure_node_names, prune, tensor_types
 
 #: Ops kept in FP32 because FP16 overflows or loses the range they need:
 #: Exp/Pow/Log/Reciprocal/Sqrt/Div blow up or underflow outside ±65504; reductions and
@@ -80,7 +80,7 @@ def convert_fp16(
     ensure_node_names(model)
     ops = set(FP32_OPS if op_block_list is None else op_block_list)
     blocked = set(node_block_list)
-    types = _tensor_types(model)
+    types = tensor_types(model)
     chosen = []
     for node in model.graph.node:
         if node.op_type in ops or node.name in blocked or node.op_type in _TYPE_OPS or node.domain not in ("", "ai.onnx"):
@@ -103,7 +103,7 @@ def nodes_to_fp16(model: onnx.ModelProto, node_names: Iterable[str], types: dict
     ensure_node_names(model)
     g = Graph(model)
     wanted = set(node_names)
-    types = _tensor_types(model) if types is None else types
+    types = tensor_types(model) if types is None else types
     half: dict[str, str] = {}  # float tensor → its FP16 twin
     before: dict[int, list[onnx.NodeProto]] = {}
     after: dict[int, list[onnx.NodeProto]] = {}
@@ -145,14 +145,3 @@ def nodes_to_fp16(model: onnx.ModelProto, node_names: Iterable[str], types: dict
     g.graph.node.extend(nodes)
     prune(model)
     return model
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = infer_shapes(model)
-    types: dict[str, int] = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for init in inferred.graph.initializer:
-        types[init.name] = init.data_type
-    return types

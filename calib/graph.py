@@ -356,3 +356,15 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         g.graph.node.extend(keep)
         prune(model)
     return model
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every typed tensor (inputs, values, outputs, initializers) after shape inference."""
+    inferred = infer_shapes(model)
+    types: dict[str, int] = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in inferred.graph.initializer:
+        types[init.name] = init.data_type
+    return types

@@ -20,10 +20,10 @@ from .graph import (
     Graph,
     ensure_node_names,
     fold_constants,
-    infer_shapes,
     load,
     match_nodes,
     save_atomic,
+    tensor_types,
 )
 
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
@@ -89,23 +89,12 @@ def lower_file(src: str | os.PathLike, dst: str | os.PathLike, precision: str, *
     return save_atomic(lower(src, precision, **kwargs), dst)
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = infer_shapes(model)
-    types: dict[str, int] = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for init in inferred.graph.initializer:
-        types[init.name] = init.data_type
-    return types
-
-
 def layer_precisions(model: onnx.ModelProto | str | os.PathLike) -> dict[str, str]:
     """Weighted layer name → "int8" | "fp16" | "fp32" in a lowered graph."""
     m = load(model)
     ensure_node_names(m)
     g = Graph(m)
-    types = _elem_types(m)
+    types = tensor_types(m)
     result: dict[str, str] = {}
     for node in g.weighted_nodes():
         producers = [g.producer.get(i) for i in node.input[:2] if i]

@@ -46,24 +46,12 @@ class Server:
         return self.proc.wait(timeout)
 
 
-def start_server(
-    command: list[str] | None = None,
-    *,
-    repository: Path | None = None,
-    state_dir: Path,
-    args: tuple[str, ...] = (),
-    env: dict | None = None,
-    wait_ready: bool = True,
-    timeout: float = 90,
-) -> Server:
-    cmd = command or [sys.executable, "-m", "daemon", "serve"]
-    cmd = [*cmd, "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--state-dir", str(state_dir)]
-    if repository is not None:
-        cmd += ["--model-repository", str(repository)]
-    cmd += list(args)
+def launch(cmd: list[str], *, repository: Path | None = None, env: dict | None = None, wait_ready: bool = True,
+           timeout: float = 90, **popen) -> Server:
+    """Start a command that runs tegrad serve and wait until it logs readiness (or liveness)."""
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **popen,
     )
     lines: list[str] = []
     ports: list[int] = []
@@ -79,16 +67,41 @@ def start_server(
                 ready.set()
         ready.set()
 
+    def kill() -> None:
+        # A wrapper started in its own session (make) takes its tegrad child down with it.
+        if popen.get("start_new_session"):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+
     threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + timeout
     while not ready.wait(0.1):
         if time.monotonic() > deadline:
-            proc.kill()
+            kill()
             raise AssertionError("tegrad did not become ready:\n" + "".join(lines))
     if not ports:
-        proc.kill()
+        kill()
         raise AssertionError("tegrad exited before listening:\n" + "".join(lines))
     return Server(proc, ports[0], ports[1], repository, lines)
+
+
+def start_server(
+    command: list[str] | None = None,
+    *,
+    repository: Path | None = None,
+    state_dir: Path,
+    args: tuple[str, ...] = (),
+    env: dict | None = None,
+    wait_ready: bool = True,
+    timeout: float = 90,
+) -> Server:
+    cmd = command or [sys.executable, "-m", "daemon", "serve"]
+    cmd = [*cmd, "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--state-dir", str(state_dir)]
+    if repository is not None:
+        cmd += ["--model-repository", str(repository)]
+    cmd += list(args)
+    return launch(cmd, repository=repository, env=env, wait_ready=wait_ready, timeout=timeout)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models
-from tests.interop.conftest import _LIVE, DIGITS, ROOT, Server
+from tests.interop.conftest import DIGITS, ROOT, Server, launch
 
 X4 = np.arange(1, 5, dtype=np.float32)[None, :]  # [1, 4]; y / x gives the model's factor exactly
 
@@ -458,27 +458,7 @@ def _make_serve(state_dir: Path, timeout: float = 90) -> Server:
     serve_args = f"--host 127.0.0.1 --grpc-port 0 --metrics-port 0 --state-dir {state_dir}"
     # -o: the test runs tegrad from this checkout as installed, never pip inside a test.
     cmd = ["make", "-s", "-o", f"{venv}/.installed", "serve", f"VENV={venv}", f"SERVE_ARGS={serve_args}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    lines: list[str] = []
-    ports: list[int] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            m = _LIVE.search(line)
-            if m and not ports:
-                ports.extend(int(g) for g in m.groups())
-            if "tegrad ready" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout) or not ports:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("make serve did not become ready:\n" + "".join(lines))
-    return Server(proc, ports[0], ports[1], None, lines)
+    return launch(cmd, timeout=timeout, start_new_session=True)
 
 
 def _children(pid: int) -> list[int]:
