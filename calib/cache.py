@@ -245,12 +245,14 @@ class CalibrationCache:
         """TensorRT calibration cache text.
 
         Version and algorithm default to those of an imported TensorRT cache
-        (so import → export is byte-exact), else ``100300`` /
-        ``EntropyCalibration2``.
+        (so import → export is byte-exact), else ``100300`` and the TensorRT
+        calibrator closest to how the amax were chosen (``MinMaxCalibration``
+        for ``max``, else ``EntropyCalibration2``).
         """
         trt = self.source if self.source.get("kind") == "tensorrt" else {}
         version = str(trt_version or trt.get("trt_version") or DEFAULT_TRT_VERSION)
-        algo = algorithm or trt.get("trt_algorithm") or DEFAULT_TRT_ALGORITHM
+        own = "MinMaxCalibration" if self.algorithm == "max" else DEFAULT_TRT_ALGORITHM
+        algo = algorithm or trt.get("trt_algorithm") or own
         if not _HEADER_RE.match(f"TRT-{version}-{algo}"):
             raise ValueError(f"invalid TensorRT header 'TRT-{version}-{algo}'")
         style = str(trt.get("hex_style", "x"))

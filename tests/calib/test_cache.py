@@ -171,3 +171,11 @@ def test_imported_trt_cache_checks_names_only() -> None:
     missing = CalibrationCache.from_trt_text("TRT-8600-EntropyCalibration2\nonnx::Conv_123: 3c010204\n")
     with pytest.raises(CacheMismatchError, match="onnx::Conv_123"):
         missing.check_against(_model())
+
+
+def test_trt_header_names_the_closest_calibrator() -> None:
+    from calib.cache import CalibrationCache
+
+    amax = {"input": 1.0}
+    assert CalibrationCache(amax=amax, algorithm="max").to_trt_text().startswith("TRT-100300-MinMaxCalibration\n")
+    assert CalibrationCache(amax=amax, algorithm="entropy").to_trt_text().startswith("TRT-100300-EntropyCalibration2\n")
