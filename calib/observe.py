@@ -196,14 +196,15 @@ class Observations(Mapping[str, TensorStats]):
         num_samples: int,
         model_sha256: str,
         source: dict[str, Any] | None = None,
-        graph_inputs: Iterable[str] = (),
+        input_like: Iterable[str] = (),
     ) -> None:
         self.stats = dict(stats)
         self.num_samples = num_samples
         self.model_sha256 = model_sha256
         self.source = source
-        # Model inputs are calibrated differently (see algorithms.compute_all).
-        self.graph_inputs = tuple(n for n in graph_inputs if n in self.stats)
+        # Model inputs, and tensors that only rearrange them, are calibrated differently
+        # (see algorithms.compute_all).
+        self.input_like = tuple(n for n in input_like if n in self.stats)
 
     def __getitem__(self, name: str) -> TensorStats:
         return self.stats[name]
@@ -219,7 +220,7 @@ class Observations(Mapping[str, TensorStats]):
         arrays: dict[str, np.ndarray] = {
             "__meta__": np.array([self.model_sha256, str(self.num_samples)]),
             "__names__": np.array(list(self.stats), dtype=object).astype(str),
-            "__inputs__": np.array(list(self.graph_inputs), dtype=object).astype(str),
+            "__inputs__": np.array(list(self.input_like), dtype=object).astype(str),
         }
         for i, st in enumerate(self.stats.values()):
             for k, v in st.to_arrays().items():
@@ -236,7 +237,7 @@ class Observations(Mapping[str, TensorStats]):
                 arrays = {k: z[f"{i}/{k}"] for k in ("scalars", "count", "hist") if f"{i}/{k}" in z.files}
                 stats[str(name)] = TensorStats.from_arrays(str(name), arrays)
             inputs = [str(v) for v in z["__inputs__"]] if "__inputs__" in z.files else []
-        return cls(stats, int(n), sha, graph_inputs=inputs)
+        return cls(stats, int(n), sha, input_like=inputs)
 
 
 def _load_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx.ModelProto, str]:
@@ -250,6 +251,31 @@ def _load_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx.M
 def _graph_inputs(model: onnx.ModelProto) -> list[str]:
     inits = {i.name for i in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name not in inits]
+
+
+# Ops whose outputs hold only (copies of) their data input's values, or values within
+# its range: a chain of them from a model input is still "the input".
+_REARRANGING_OPS = frozenset({
+    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Split", "Concat",
+    "Gather", "Pad", "SpaceToDepth", "DepthToSpace", "Resize", "Upsample", "Tile", "Expand",
+})
+
+
+def input_like_tensors(model: onnx.ModelProto) -> list[str]:
+    """Model inputs plus tensors derived from them only through rearranging ops
+    (e.g. YOLOX's Focus slices), in graph order."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    found = _graph_inputs(model)
+    members = set(found)
+    for node in model.graph.node:
+        data = [i for i in node.input if i and i not in consts]
+        if node.op_type in _REARRANGING_OPS and data and all(i in members for i in data):
+            for out in node.output:
+                if out and out not in members:
+                    members.add(out)
+                    found.append(out)
+    return found
 
 
 def _known_tensors(model: onnx.ModelProto) -> set[str]:
@@ -502,4 +528,4 @@ def observe(
         worker.finish()
     if num_samples == 0:
         raise ValueError("the calibration data is empty")
-    return Observations(stats, num_samples, sha, source=source.describe(), graph_inputs=graph_inputs)
+    return Observations(stats, num_samples, sha, source=source.describe(), input_like=input_like_tensors(proto))

@@ -284,6 +284,10 @@ def activation_tensors_to_quantize(
         m = _copy(base)
         if t == "cpu":
             m = fold_batchnorm(m)
+            if not exclude:
+                # Under any exclusion set the CPU variant may requantize a weighted layer's own
+                # output (so ONNX Runtime can fuse it), so a portable cache carries all of them.
+                wanted |= {n.output[0] for n in m.graph.node if n.op_type in WEIGHTED_OPS and n.output}
         wanted |= set(build_plan(m, sorted(excluded), t).activations)
     return [name for name in dict.fromkeys(_graph_order(base)) if name in wanted]
 

@@ -80,3 +80,18 @@ def test_digits_int8_accuracy_within_one_point(setup, precision, kwargs):
     assert result.accuracy_reference > 0.9
     assert abs(result.accuracy_candidate - result.accuracy_reference) <= 0.01, result.as_dict()
     assert result.top1_agreement >= 0.97
+
+
+def test_default_observations_lower_any_single_layer_cpu_graph(observations):
+    # Any exclusion set must lower from one cache: the CPU variant may requantize a
+    # weighted layer's own output once its consumer is excluded.
+    from calib.algorithms import compute_all
+    from calib.sensitivity import quantizable_layers
+
+    model = onnx.load(MODEL)
+    amax = compute_all(observations, "max")
+    layers = [name for name, _ in quantizable_layers(model)]
+    for keep in layers:
+        lowered = L.lower(model, "mixed", amax=amax, exclude=[n for n in layers if n != keep],
+                          exclude_precision="fp32", target="cpu")
+        assert L.count_precisions(lowered)["int8"] == 1

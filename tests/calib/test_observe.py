@@ -133,3 +133,29 @@ def test_default_tensors_come_from_qdq_plan() -> None:
     obs = observe(model, data, progress=False)
     assert set(obs) == set(qdq.activation_tensors_to_quantize(model))
     assert "r" in obs
+
+
+def test_input_like_follows_rearranging_ops_only() -> None:
+    # YOLOX's Focus: slices of the pixel input concatenated feed the first Conv; they are
+    # still the input as far as ranges go, while the Relu after the Conv is not.
+    from onnx import TensorProto, helper
+
+    from calib.observe import input_like_tensors
+
+    ints = lambda name, vals: helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals)  # noqa: E731
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 2, 1, 1], [1.0] * 4)
+    nodes = [
+        helper.make_node("Slice", ["x", "s0", "e0", "ax"], ["a"]),
+        helper.make_node("Slice", ["x", "s1", "e1", "ax"], ["b"]),
+        helper.make_node("Concat", ["a", "b"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w"], ["conv"]),
+        helper.make_node("Relu", ["conv"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "focus",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[w, ints("s0", [0]), ints("e0", [2]), ints("s1", [2]), ints("e1", [4]), ints("ax", [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert input_like_tensors(model) == ["x", "a", "b", "cat"]
