@@ -42,11 +42,9 @@ sys.path.insert(0, str(ROOT))
 from calib import algorithms, sensitivity  # noqa: E402
 from calib.datasets import ImageFolder, batches  # noqa: E402
 from calib.evaluate import EvalResult, compare_outputs, run_batches, session  # noqa: E402
-from calib.graph import WEIGHTED_OPS  # noqa: E402
 from calib.lower import count_precisions, lower  # noqa: E402
 from calib.observe import observe  # noqa: E402
 from calib.preprocess import PRESETS  # noqa: E402
-from calib.qdq import activation_tensors_to_quantize  # noqa: E402
 
 METHODS = ("max", "entropy", "percentile", "mse")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -103,50 +101,6 @@ def _chunks(x: np.ndarray, size: int) -> list[np.ndarray]:
 def _save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save(model, str(path))
     return path
-
-
-def _observed_tensors(model_path: Path) -> list[str]:
-    """What lowering quantizes, plus the output of every weighted layer.
-
-    Work-around: the CPU-target plan requantizes a weighted layer's own output when the layer
-    that reads it is excluded, and ``activation_tensors_to_quantize`` (observe's default set)
-    only covers the all-INT8 plan, so sensitivity / mixed graphs for target="cpu" would stop
-    with MissingAmaxError. Extra tensors do not change the amax of the others.
-    """
-    m = onnx.load(str(model_path))
-    names = list(activation_tensors_to_quantize(m))
-    names += [n.output[0] for n in m.graph.node if n.op_type in WEIGHTED_OPS]
-    return list(dict.fromkeys(names))
-
-
-_DATA_MOVEMENT = {"Slice", "Concat", "Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
-
-
-def _input_chain_tensors(model_path: Path) -> set[str]:
-    """Tensors that are the model input only rearranged (YOLOX's Focus: Slice x4 -> Concat).
-
-    calib keeps ``max`` for model inputs under clipping methods, but the tensor lowering
-    quantizes here is the Concat, so it is clipped like any activation; the bench shows what
-    keeping it at ``max`` would give.
-    """
-    m = onnx.load(str(model_path))
-    g = m.graph
-    consts = {i.name for i in g.initializer}
-    consts |= {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    inputs = {i.name for i in g.input} - consts
-    prod = {o: n for n in g.node for o in n.output}
-    memo: dict[str, bool] = {}
-
-    def rearranged(t: str) -> bool:
-        if t in inputs:
-            return True
-        if t not in memo:
-            n = prod.get(t)
-            data = [i for i in n.input if i and i not in consts] if n is not None else []
-            memo[t] = bool(n is not None and n.op_type in _DATA_MOVEMENT and data and all(map(rearranged, data)))
-        return memo[t]
-
-    return {t for t in prod if rearranged(t)}
 
 
 def _row_metrics(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray) -> EvalResult:
@@ -290,7 +244,7 @@ class Bench:
     def effnet_amax(self) -> dict[str, dict[str, float]]:
         if not self.eff_amax:
             t0 = time.perf_counter()
-            obs = observe(self.effnet, self.calib_dir, _observed_tensors(self.effnet), spec=self.eff_spec,
+            obs = observe(self.effnet, self.calib_dir, None, spec=self.eff_spec,
                           batch_size=CALIB_BATCH, progress=False)
             self.results.setdefault("efficientnet", {})["observe_seconds"] = time.perf_counter() - t0
             self.eff_amax = {m: algorithms.compute_all(obs, m) for m in METHODS}
@@ -344,8 +298,7 @@ class Bench:
         amax = self.effnet_amax()
         obs_s = self.results["efficientnet"]["observe_seconds"]
         _say(f"tegrad observe on {len(ImageFolder(self.calib_dir, self.eff_spec))} calibration images: {obs_s:.1f} s, "
-             f"{len(amax['max'])} tensors (lowering's {len(activation_tensors_to_quantize(onnx.load(str(self.effnet))))} "
-             "+ weighted-layer outputs for CPU-target mixed graphs; see section 2 for the cost)")
+             f"{len(amax['max'])} tensors (what any TensorRT or CPU lowering of it may quantize)")
         ref = run_batches(str(self.effnet), data)
         rows: list[dict[str, Any]] = []
         fp32 = _row_metrics(ref, ref, labels)
@@ -615,7 +568,7 @@ class Bench:
         x, _ = _stack(coco, spec, files)
         data = _chunks(x, 1)
         t0 = time.perf_counter()
-        obs = observe(self.yolox, self.calib_dir, _observed_tensors(self.yolox), spec=spec, batch_size=1,
+        obs = observe(self.yolox, self.calib_dir, None, spec=spec, batch_size=1,
                       progress=False)
         t_obs = time.perf_counter() - t0
         amax = {m: algorithms.compute_all(obs, m) for m in METHODS}
@@ -628,15 +581,7 @@ class Bench:
             path = _save(lower(str(self.yolox), "int8", amax[m], target="cpu"), self.work / f"yolox_{m}.onnx")
             r = compare_outputs(ref, run_batches(str(path), data), task="detection", detection=YOLOX_DETECTION)
             rows.append((f"tegrad INT8 {m}", r))
-        chain = _input_chain_tensors(self.yolox) & set(obs)
-        if chain:
-            fixed = {t: (algorithms.compute_amax(obs[t], "max") if t in chain else a) for t, a in amax["entropy"].items()}
-            path = _save(lower(str(self.yolox), "int8", fixed, target="cpu"), self.work / "yolox_entropy_inmax.onnx")
-            r = compare_outputs(ref, run_batches(str(path), data), task="detection", detection=YOLOX_DETECTION)
-            rows.append(("diag: entropy, input chain at max", r))
-            info["input_chain"] = {t: {"entropy": amax["entropy"][t], "max": fixed[t]} for t in sorted(chain)}
-        best_name, best = max((nr for nr in rows[1:] if not nr[0].startswith("diag")),
-                              key=lambda nr: (nr[1].f1, nr[1].cosine))
+        best_name, best = max(rows[1:], key=lambda nr: (nr[1].f1, nr[1].cosine))
         best_m = best_name.split()[-1]
         info["best"] = best_m
 
@@ -673,10 +618,6 @@ class Bench:
         _say(f"{len(files)} images, FP32 detections: {fp.detections_reference}; score > {YOLOX_DETECTION['score_threshold']}, "
              f"class-aware NMS {YOLOX_DETECTION['iou_threshold']}, match same class IoU >= 0.5; "
              f"observe {t_obs:.1f} s on {len(ImageFolder(self.calib_dir, spec))} images (batch 1)")
-        if "input_chain" in info:
-            _say("diag row (not a tegrad result): the tensors that are only the rearranged model input ("
-                 + ", ".join(f"{t}: entropy amax {v['entropy']:.1f}, max {v['max']:.1f}" for t, v in info["input_chain"].items())
-                 + ") kept at max, everything else entropy")
         if "mixed" in info:
             mi = info["mixed"]
             _say(f"mixed: sensitivity on {mi['slice_images']} calibration images, analysis {mi['analysis_seconds']:.1f} s "
@@ -726,7 +667,7 @@ class Bench:
                           f"batch 1: {lat[0]:.2f}x, batch 8: {lat[1]:.2f}x"))
         yrows = getattr(self, "_yolox_rows", None)
         if yrows:
-            name, r = max((nr for nr in yrows[1:] if not nr[0].startswith("diag")), key=lambda nr: nr[1].f1)
+            name, r = max(yrows[1:], key=lambda nr: nr[1].f1)
             lines.append(("YOLOX INT8 (or mixed) F1 >= 0.9", r.f1 >= 0.9, f"{name}: F1 {r.f1:.3f}"))
         table = [[t, "MET" if ok else "MISSED", d] for t, ok, d in lines]
         _say(_table(["target", "status", "measured"], table, align="lll"))
