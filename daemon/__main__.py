@@ -2,4 +2,6 @@ import sys
 
 from daemon.cli import main
 
-sys.exit(main())
+# Guarded: build workers are spawned processes, which import the parent's __main__ module.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,6 +38,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--state-dir", type=Path, default=_default_state_dir(), help="where the SQLite state lives (default: %(default)s)")
     p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest request accepted; larger ones get RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let in-flight requests finish on SIGTERM (default: %(default)s)")
+    p.add_argument("--engine-cache-dir", type=Path, default=None,
+                   help="where built engines are kept, keyed by content (default: <state-dir>/engines)")
+    p.add_argument("--engine-cache-max-mb", type=int, default=8192,
+                   help="engine cache size limit; least recently used engines are deleted beyond it (default: %(default)s)")
+    p.add_argument("--build-jobs", type=int, default=1,
+                   help="engine builds that may run at once, each in its own worker process (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_serve)
 
@@ -58,6 +64,9 @@ def _serve(args) -> int:
         state_dir=args.state_dir,
         max_message_bytes=args.max_message_bytes,
         drain_timeout=args.drain_timeout,
+        engine_cache_dir=args.engine_cache_dir,
+        engine_cache_max_bytes=args.engine_cache_max_mb << 20,
+        build_jobs=args.build_jobs,
     )
     return asyncio.run(serve(opts))
 
@@ -85,6 +94,25 @@ def _add_clients(sub) -> None:
     p.set_defaults(func=lambda a: _client("health", a))
 
 
+def _add_selftest(sub) -> None:
+    p = sub.add_parser(
+        "selftest",
+        help="build the embedded digits model on every backend and precision available here and compare with FP32",
+        description="Builds the embedded digits model for each available backend (ONNX Runtime; TensorRT when "
+        "installed with a GPU) and precision, runs the held-out digits, and prints build time, latency, top-1 "
+        "agreement with FP32 ONNX Runtime and accuracy.",
+    )
+    p.add_argument("--precisions", default="fp32,fp16,int8,mixed", help="comma-separated (default: %(default)s)")
+    p.add_argument("--cache-dir", default=None, help="engine cache to use (default: a temporary one, so builds are timed)")
+    p.set_defaults(func=_selftest)
+
+
+def _selftest(args) -> int:
+    from daemon import selftest
+
+    return selftest.run(args)
+
+
 def _client(command: str, args) -> int:
     from daemon import client
 
@@ -101,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
     _add_clients(sub)
+    _add_selftest(sub)
     try:
         from calib import cli as calib_cli
     except ImportError:  # calibration tools are optional at import time

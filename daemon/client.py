@@ -77,15 +77,29 @@ def infer(args) -> int:
 
 
 def models(args) -> int:
+    stub = _stub(args.url)
     try:
-        index = _stub(args.url).RepositoryIndex(pb.RepositoryIndexRequest(ready=args.ready), timeout=10)
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=args.ready), timeout=10)
     except grpc.RpcError as exc:
         return _fail(exc)
-    rows = [(m.name, m.version or "-", m.state or "-", m.reason) for m in index.models]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("MODEL", "VERSION", "STATE"))]
-    print(f"{'MODEL':<{widths[0]}}  {'VERSION':<{widths[1]}}  {'STATE':<{widths[2]}}  REASON")
-    for name, version, state, reason in rows:
-        print(f"{name:<{widths[0]}}  {version:<{widths[1]}}  {state:<{widths[2]}}  {reason}")
+    headers = ("MODEL", "VERSION", "STATE", "BACKEND", "PRECISION", "ENGINE", "CALIBRATION", "LAYERS(i8/f16/f32)")
+    rows = []
+    for m in index.models:
+        engine = ("-",) * 5
+        if m.state == "READY":
+            try:
+                config = stub.ModelConfig(pb.ModelConfigRequest(name=m.name, version=m.version), timeout=10).config
+                p = {k: v.string_value for k, v in config.parameters.items()}
+                layers = "/".join(p.get(f"layers_{x}", "?") for x in ("int8", "fp16", "fp32"))
+                engine = (config.backend, p.get("precision", "?"), p.get("engine_id", "?"),
+                          p.get("calibration_cache_id") or "-", layers)
+            except grpc.RpcError:  # unloaded between the two calls
+                pass
+        rows.append((m.name, m.version or "-", m.state or "-", *engine, m.reason))
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    print("  ".join(f"{h:<{w}}" for h, w in zip(headers, widths)) + "  REASON")
+    for row in rows:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + f"  {row[-1]}")
     return 0
 
 

@@ -101,6 +101,45 @@ class OnnxRuntimeOptions(_Strict):
     allow_spinning: bool = False
 
 
+class TensorRTProfile(_Strict):
+    """Shapes of one input for the TensorRT optimization profile (full shapes, batch included)."""
+
+    input: str = Field(min_length=1)
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TensorRTProfile:
+        if not (len(self.min) == len(self.opt) == len(self.max)):
+            raise ValueError(f"profile for {self.input!r}: min, opt and max must have the same rank")
+        if any(d < 1 for d in self.min) or any(not (a <= b <= c) for a, b, c in zip(self.min, self.opt, self.max)):
+            raise ValueError(f"profile for {self.input!r}: need 1 <= min <= opt <= max in every dimension")
+        return self
+
+
+class TensorRTOptions(_Strict):
+    # Memory pool limit for tactics; Jetson boards share 4-64 GB between CPU and GPU.
+    workspace_mb: int = Field(default=1024, ge=16)
+    # Builder optimization level 0-5 (TensorRT's default is 3); higher builds longer for faster engines.
+    optimization_level: int = Field(default=3, ge=0, le=5)
+    # -1 = GPU; 0 or 1 = a DLA core (Orin), with layers DLA cannot run falling back to the GPU when allowed.
+    dla_core: int = Field(default=-1, ge=-1, le=1)
+    gpu_fallback: bool = True
+    # Batch sizes of the optimization profile for the batch dimension (0 = max_batch for opt).
+    min_batch: int = Field(default=1, ge=1)
+    opt_batch: int = Field(default=0, ge=0)
+    # Inputs with variable non-batch dimensions need explicit shapes.
+    profile: list[TensorRTProfile] = Field(default_factory=list)
+
+
+class BuildOptions(_Strict):
+    # A build that runs longer is killed and the version marked UNAVAILABLE.
+    timeout_s: float = Field(default=3600.0, gt=0)
+    # Runs on random inputs before a new version takes traffic (first-run allocations, lazy init).
+    warmup_runs: int = Field(default=1, ge=0, le=1000)
+
+
 class ModelConfig(_Strict):
     name: str | None = None
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
@@ -116,6 +155,13 @@ class ModelConfig(_Strict):
     input: list[TensorConfig] = Field(default_factory=list)
     output: list[TensorConfig] = Field(default_factory=list)
     onnxruntime: OnnxRuntimeOptions = Field(default_factory=OnnxRuntimeOptions)
+    tensorrt: TensorRTOptions = Field(default_factory=TensorRTOptions)
+    build: BuildOptions = Field(default_factory=BuildOptions)
+    # int8 / mixed: calibration cache (tegrad JSON or TensorRT text), relative to the model directory.
+    calibration_cache: str | None = None
+    # mixed: layers (node names or fnmatch patterns) kept out of INT8, run in exclude_precision.
+    exclude: list[str] = Field(default_factory=list)
+    exclude_precision: Literal["fp16", "fp32"] = "fp16"
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -128,6 +174,17 @@ class ModelConfig(_Strict):
             raise ValueError("labels are only allowed on outputs")
         if self.max_batch == 0 and self.dynamic_batching.preferred_batch_sizes:
             raise ValueError("dynamic_batching.preferred_batch_sizes needs max_batch > 0")
+        if self.precision in ("int8", "mixed") and not self.calibration_cache:
+            raise ValueError(
+                f"precision {self.precision!r} needs calibration_cache (make one with `tegrad calibrate`); "
+                "tegrad never falls back to fp32 silently"
+            )
+        if self.precision == "mixed" and not self.exclude:
+            raise ValueError("precision 'mixed' needs exclude: the layers kept out of INT8 (see `tegrad sensitivity`)")
+        if self.exclude and self.precision not in ("mixed", "fp16"):
+            raise ValueError(f"exclude applies to precision 'mixed' (or 'fp16'), not {self.precision!r}")
+        if self.tensorrt.opt_batch and self.max_batch and not (self.tensorrt.min_batch <= self.tensorrt.opt_batch <= self.max_batch):
+            raise ValueError("tensorrt.opt_batch must lie between tensorrt.min_batch and max_batch")
         too_big = [s for s in self.dynamic_batching.preferred_batch_sizes if s > self.max_batch]
         if too_big:
             raise ValueError(f"preferred batch sizes {too_big} exceed max_batch {self.max_batch}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from daemon.engines.availability import cuda_unavailable, tensorrt_unavailable
+
 INTEROP = Path(__file__).parent / "interop"
 
 
@@ -26,32 +28,12 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
-def _cuda_reason() -> str | None:
-    try:
-        import pycuda.driver as cuda
-
-        cuda.init()
-        if cuda.Device.count() == 0:
-            return "no CUDA device visible"
-    except Exception as exc:  # ImportError, or a driver error without a GPU
-        return f"needs a CUDA GPU with pycuda ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _tensorrt_reason() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as exc:
-        return f"needs the tensorrt Python package ({exc})"
-    return _cuda_reason()
-
-
 def pytest_collection_modifyitems(config, items):
     import pytest
 
     reasons = {}
     for item in items:
-        for marker, probe in (("gpu", _cuda_reason), ("tensorrt", _tensorrt_reason)):
+        for marker, probe in (("gpu", cuda_unavailable), ("tensorrt", tensorrt_unavailable)):
             if marker in item.keywords:
                 if marker not in reasons:
                     reasons[marker] = probe()

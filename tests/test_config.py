@@ -27,6 +27,12 @@ def test_defaults_and_name_from_directory():
         ('[[output]]\nname = "y"\ndatatype = "FP32"\ndims = [2]\n[[output]]\nname = "y"\ndatatype = "FP32"\ndims = [2]', "(top level)", "duplicate output names: y"),
         ("max_batch = [", "", "not valid TOML"),
         ('name = "other"', "name", "does not match the directory name"),
+        ('precision = "int8"', "(top level)", "needs calibration_cache"),
+        ('precision = "mixed"\ncalibration_cache = "c.json"', "(top level)", "needs exclude"),
+        ('exclude = ["conv1"]', "(top level)", "exclude applies to precision 'mixed'"),
+        ("[tensorrt]\nworkspace_mb = 1", "tensorrt.workspace_mb", "greater than or equal to 16"),
+        ('[[tensorrt.profile]]\ninput = "x"\nmin = [1, 3]\nopt = [4, 2]\nmax = [8, 3]', "tensorrt.profile.0", "min <= opt <= max"),
+        ("[build]\ntimeout_s = 0", "build.timeout_s", "greater than 0"),
     ],
 )
 def test_errors_name_file_key_and_problem(text, key, words):

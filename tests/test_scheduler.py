@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from daemon.config import parse_model_config
-from daemon.engines.onnxruntime import builder
+from daemon.engines.onnxruntime import builder, runner
 from daemon.errors import DeadlineExceeded, ResourceExhausted
 from daemon.pipeline.scheduler import Scheduler, SchedulerOptions
 from daemon.telemetry.stats import VersionStats
@@ -17,7 +17,7 @@ from tests import onnx_models
 def _engine(tmp_path, factory, text):
     path = factory(tmp_path / "m" / "1" / "model.onnx")
     cfg = parse_model_config(text, tmp_path / "m" / "config.toml", "m")
-    return builder.build(path, cfg)
+    return runner.load(path, cfg, path.parent.parent, engine_id="test")
 
 
 def test_dynamic_batching_merges_and_splits(tmp_path):

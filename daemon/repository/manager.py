@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.config import CONFIG_FILENAME, ModelConfig, load_model_config
 from daemon.engines.base import TensorSpec
+from daemon.engines.factory import EngineFactory, Prepared
 from daemon.errors import FailedPrecondition, InvalidArgument, NotFound, TegradError
 from daemon.pipeline.scheduler import Scheduler, SchedulerOptions
 from daemon.repository import layout
@@ -34,6 +36,7 @@ class LoadedVersion:
     scheduler: Scheduler
     stats: VersionStats
     fingerprint: str
+    prepared: Prepared
     users: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -88,11 +91,13 @@ def _fingerprint(model_dir: Path, model_file: Path) -> str:
 
 
 class ModelManager:
-    def __init__(self, root: Path, store: StateStore, *, control_mode: str = "none", drain_timeout: float = 30.0) -> None:
+    def __init__(self, root: Path, store: StateStore, factory: EngineFactory, *, control_mode: str = "none",
+                 drain_timeout: float = 30.0) -> None:
         if control_mode not in ("none", "explicit"):
             raise ValueError(f"unknown model control mode {control_mode!r}")
         self.root = root
         self.store = store
+        self.factory = factory
         self.control_mode = control_mode
         self.drain_timeout = drain_timeout
         self._models: dict[str, ModelEntry] = {}
@@ -140,17 +145,14 @@ class ModelManager:
 
     # -- load / unload --------------------------------------------------------------------------
 
-    def _build(self, name: str, version: int, config: ModelConfig, model_file: Path, fingerprint: str) -> tuple:
-        if config.backend == "tensorrt":
-            raise InvalidArgument(f"model {name}: the tensorrt backend is not available in this build; use backend = \"onnxruntime\"")
-        if config.precision != "fp32":
-            raise InvalidArgument(
-                f"model {name}: precision {config.precision!r} needs the engine build path with a calibration cache, "
-                "which this version does not offer yet; use precision = \"fp32\" or a model quantized with `tegrad quantize`"
-            )
-        from daemon.engines.onnxruntime import builder
+    def _report(self, name: str, version: int, serving: bool) -> Callable[[str], None]:
+        def report(progress: str) -> None:
+            if serving:  # a reload: the loaded one stays READY while its replacement builds
+                log.info("model %s version %d: reload %s", name, version, progress)
+            else:
+                self._set_state(name, version, "LOADING", progress)
 
-        return builder.build(model_file, config)
+        return report
 
     async def load(self, name: str) -> None:
         """Load or reload ``name``: new versions come up beside the old, then switch atomically."""
@@ -179,7 +181,8 @@ class ModelManager:
                 if old is None:
                     self._set_state(name, version, "LOADING")
                 try:
-                    engine = await asyncio.to_thread(self._build, name, version, config, model_file, fingerprint)
+                    prepared = await self.factory.prepare(config, mdir, version, model_file,
+                                                          self._report(name, version, old is not None))
                 except TegradError as exc:
                     failures.append(f"version {version}: {exc}")
                     if old is not None:
@@ -197,21 +200,30 @@ class ModelManager:
                     max_queue_size=config.dynamic_batching.max_queue_size,
                     inline_below_us=config.inline_below_us,
                 )
-                scheduler = Scheduler(engine, options, stats, f"{name}/{version}")
-                lv = LoadedVersion(name, version, config, engine, scheduler, stats, fingerprint)
+                scheduler = Scheduler(prepared.engine, options, stats, f"{name}/{version}")
+                lv = LoadedVersion(name, version, config, prepared.engine, scheduler, stats, fingerprint, prepared)
                 lv.idle.set()
                 serving[version] = lv
                 built.append(lv)
             retired = [lv for v, lv in entry.serving.items() if serving.get(v) is not lv]
+            if failures:
+                # A version that failed to build never costs the ones serving now.
+                for lv in retired:
+                    serving.setdefault(lv.version, lv)
+                retired = [lv for lv in retired if serving[lv.version] is not lv]
             entry.serving = serving  # the atomic switch
             entry.config = config
             for lv in built:
                 self._set_state(name, lv.version, "READY", "", lv.engine.engine_id)
-                metrics.set_model_info(name, str(lv.version), lv.engine.backend, lv.engine.precision, lv.engine.engine_id)
+                metrics.set_model_info(name, str(lv.version), lv.engine.backend, lv.engine.precision, lv.engine.engine_id,
+                                       lv.prepared.calibration_cache_id, lv.prepared.layers)
             for lv in retired:
                 self._start_retire(lv, gone=lv.version not in serving)
             if serving:
                 self.store.set_loaded(name, True)
+            if built:
+                keep = {lv.prepared.key for lv in self.loaded()}
+                await asyncio.to_thread(self.factory.cache.evict, keep)
             if failures:
                 raise InvalidArgument(f"model {name} failed to load: " + "; ".join(failures))
 
@@ -230,6 +242,8 @@ class ModelManager:
         return task
 
     async def unload(self, name: str) -> None:
+        if self.factory.pool.cancel(name):  # a build in progress holds the lock; stop it first
+            log.info("model %s: unload cancelled its engine build", name)
         async with self._lock(name):
             entry = self._models.get(name)
             if entry is None or not entry.serving:

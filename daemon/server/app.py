@@ -15,6 +15,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from daemon import __version__
+from daemon.engines.cache import EngineCache
+from daemon.engines.factory import EngineFactory
+from daemon.engines.worker import BuildPool
 from daemon.protogen import grpc_service_pb2 as pb
 from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
 from daemon.repository.manager import ModelManager
@@ -40,6 +43,9 @@ class ServeOptions:
     state_dir: Path = Path("~/.local/state/tegrad").expanduser()
     max_message_bytes: int = 64 * 1024 * 1024
     drain_timeout: float = 30.0
+    engine_cache_dir: Path | None = None  # default: <state_dir>/engines
+    engine_cache_max_bytes: int = 8 << 30
+    build_jobs: int = 1
 
 
 class Health(HealthServicer):
@@ -74,7 +80,9 @@ class Health(HealthServicer):
 async def serve(opts: ServeOptions) -> int:
     repository = opts.repository or EMBEDDED_REPOSITORY
     store = StateStore(opts.state_dir / "state.sqlite3")
-    models = ModelManager(repository, store, control_mode=opts.model_control, drain_timeout=opts.drain_timeout)
+    cache = EngineCache(opts.engine_cache_dir or opts.state_dir / "engines", opts.engine_cache_max_bytes)
+    factory = EngineFactory(cache, BuildPool(opts.build_jobs))
+    models = ModelManager(repository, store, factory, control_mode=opts.model_control, drain_timeout=opts.drain_timeout)
     lifecycle = Lifecycle(models)
 
     server = grpc.aio.server(
@@ -112,14 +120,21 @@ async def serve(opts: ServeOptions) -> int:
     if interval:
         background.append(asyncio.ensure_future(lifecycle.watchdog(interval)))
 
-    await models.startup(opts.load_models)
-    lifecycle.started = True
-    await health.sync()  # watchers learn at once, not at the next poll
-    loaded = len(models.loaded())
-    log.info("tegrad ready: %d model version(s) loaded, ready=%s", loaded, lifecycle.ready())
-    sd_notify(f"READY=1\nSTATUS=serving {loaded} model version(s)")
-
-    await lifecycle.stop_requested.wait()
+    # Startup builds may take minutes on a Jetson; a SIGTERM meanwhile cancels them (killing the workers).
+    startup = asyncio.ensure_future(models.startup(opts.load_models))
+    stop = asyncio.ensure_future(lifecycle.stop_requested.wait())
+    await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if startup.done():
+        lifecycle.started = True
+        await health.sync()  # watchers learn at once, not at the next poll
+        loaded = len(models.loaded())
+        log.info("tegrad ready: %d model version(s) loaded, ready=%s", loaded, lifecycle.ready())
+        sd_notify(f"READY=1\nSTATUS=serving {loaded} model version(s)")
+        await stop
+    else:
+        log.info("stop requested during startup: cancelling model loads and engine builds")
+        startup.cancel()
+        await asyncio.gather(startup, return_exceptions=True)
     lifecycle.draining = True
     # Health NOT_SERVING, permanently, so load balancers move away while the server still
     # answers: new inference requests get UNAVAILABLE with a reason, in-flight ones finish.

@@ -37,6 +37,7 @@ def model_config(lv) -> mc.ModelConfig:
         policy.specific.versions.extend(cfg.version_policy.specific)
     else:
         policy.latest.num_versions = cfg.version_policy.latest or 1
+    kind = "GPU" if lv.engine.backend == "tensorrt" else "CPU"
     out = mc.ModelConfig(
         name=lv.name,
         platform=PLATFORMS[lv.engine.backend],
@@ -44,7 +45,8 @@ def model_config(lv) -> mc.ModelConfig:
         version_policy=policy,
         max_batch_size=cfg.max_batch,
         default_model_filename=cfg.default_model_filename,
-        instance_group=[mc.ModelInstanceGroup(name=f"{lv.name}_cpu", kind=mc.ModelInstanceGroup.KIND_CPU, count=cfg.instances)],
+        instance_group=[mc.ModelInstanceGroup(name=f"{lv.name}_{kind.lower()}", kind=mc.ModelInstanceGroup.Kind.Value(f"KIND_{kind}"),
+                                              count=cfg.instances)],
     )
     for t in lv.inputs:
         out.input.append(
@@ -67,6 +69,12 @@ def model_config(lv) -> mc.ModelConfig:
         out.dynamic_batching.default_queue_policy.max_queue_size = db.max_queue_size
         out.dynamic_batching.default_queue_policy.default_timeout_microseconds = db.default_timeout_us
         out.dynamic_batching.default_queue_policy.allow_timeout_override = True
-    for key, value in (("precision", cfg.precision), ("engine_id", lv.engine.engine_id)):
+    params = {
+        "precision": cfg.precision,
+        "engine_id": lv.engine.engine_id,
+        "calibration_cache_id": lv.prepared.calibration_cache_id,
+        **{f"layers_{p}": str(n) for p, n in lv.prepared.layers.items()},
+    }
+    for key, value in params.items():
         out.parameters[key].string_value = value
     return out

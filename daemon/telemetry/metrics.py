@@ -55,8 +55,41 @@ MODEL_STATE = Gauge(
 )
 MODEL_INFO = Gauge(
     "tegrad_model_info",
-    "Always 1 for each loaded model version; labels carry backend, precision and engine id.",
-    ["model", "version", "backend", "precision", "engine_id"],
+    "Always 1 for each loaded model version; labels carry backend, precision, engine id and calibration cache id.",
+    ["model", "version", "backend", "precision", "engine_id", "calibration_cache_id"],
+)
+ENGINE_LAYERS = Gauge(
+    "tegrad_engine_layers",
+    "Weighted layers (Conv, ConvTranspose, Gemm, MatMul) of a loaded engine by the precision they run in.",
+    ["model", "version", "precision"],
+)
+
+# Engine builds take from a second (ONNX Runtime, small models) to tens of minutes (TensorRT on a Nano).
+BUILD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
+BUILD_RESULTS = ("success", "failed", "timeout", "killed", "cancelled")
+ENGINE_BUILD_DURATION = Histogram(
+    "tegrad_engine_build_duration_seconds",
+    "Wall time of engine builds in the build worker (lowering included), by backend and precision.",
+    ["backend", "precision"],
+    buckets=BUILD_BUCKETS,
+)
+ENGINE_BUILDS = Counter(
+    "tegrad_engine_builds",
+    "Engine builds by backend, precision and result (success, failed, timeout, killed, cancelled).",
+    ["backend", "precision", "result"],
+)
+ENGINE_CACHE_LOOKUPS = Counter(
+    "tegrad_engine_cache_lookups",
+    "Engine cache lookups by result: hit, miss, or corrupt (an entry that failed its hash check and was deleted).",
+    ["result"],
+)
+ENGINE_CACHE_BYTES = Gauge(
+    "tegrad_engine_cache_bytes",
+    "Bytes held by the engine cache directory.",
+)
+ENGINE_CACHE_EVICTIONS = Counter(
+    "tegrad_engine_cache_evictions",
+    "Engine cache entries removed to stay under the size limit (least recently used first).",
 )
 
 
@@ -65,13 +98,16 @@ def set_model_state(model: str, version: str, state: str) -> None:
         MODEL_STATE.labels(model, version, s).set(1 if s == state else 0)
 
 
-def set_model_info(model: str, version: str, backend: str, precision: str, engine_id: str) -> None:
-    MODEL_INFO.labels(model, version, backend, precision, engine_id).set(1)
+def set_model_info(model: str, version: str, backend: str, precision: str, engine_id: str,
+                   calibration_cache_id: str = "", layers: dict[str, int] | None = None) -> None:
+    MODEL_INFO.labels(model, version, backend, precision, engine_id, calibration_cache_id).set(1)
+    for p, n in (layers or {}).items():
+        ENGINE_LAYERS.labels(model, version, p).set(n)
 
 
 def forget_model_version(model: str, version: str) -> None:
     """Drop the per-version series of a version that is gone, keeping its final state."""
-    for metric in (MODEL_INFO,):
+    for metric in (MODEL_INFO, ENGINE_LAYERS):
         for labels in list(metric._metrics):  # prometheus-client keeps children keyed by label tuples
             if labels[:2] == (model, version):
                 metric.remove(*labels)

@@ -1,36 +1,22 @@
-"""Builds an ``OrtEngine`` from an ONNX file and the model's config.
+"""ONNX Runtime engines: what makes one non-portable, and how the build worker makes one.
 
-The tensor specs that clients see come from the ONNX graph, refined by the
-config's ``input``/``output`` sections, which must agree with the graph.
+The "engine" is the lowered ONNX after ONNX Runtime's graph optimizations, saved to a
+file; loading it with optimizations disabled skips that work on a warm start. Level
+``all`` adds layout transforms specific to the CPU it ran on, so the CPU model is part
+of the fingerprint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import platform
+import shutil
 from pathlib import Path
+from typing import Any
 
-from daemon.config import ModelConfig, TensorConfig
-from daemon.engines.base import TensorSpec
-from daemon.engines.onnxruntime.runner import OrtEngine
-from daemon.errors import ConfigError
+from daemon.config import ModelConfig
 
-_ORT_TYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
-_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
 def usable_cores() -> int:
@@ -46,89 +32,57 @@ def threads_per_slot(config: ModelConfig) -> int:
     return max(1, usable_cores() // config.instances)
 
 
-def _graph_specs(args, model: str, kind: str) -> list[TensorSpec]:
-    specs = []
-    for arg in args:
-        if arg.type not in _ORT_TYPES:
-            raise ConfigError(f"model {model!r}: {kind} {arg.name!r} has type {arg.type}, which KServe cannot carry")
-        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
-        specs.append(TensorSpec(arg.name, _ORT_TYPES[arg.type], shape))
-    return specs
-
-
-def _merge(graph: list[TensorSpec], configured: list[TensorConfig], config: ModelConfig, model_dir: Path, kind: str) -> list[TensorSpec]:
-    """Check the config against the graph; the config may narrow variable dims."""
-    where = f"{model_dir / 'config.toml'}: {kind}"
-    by_name = {s.name: s for s in graph}
-    for t in configured:
-        if t.name not in by_name:
-            raise ConfigError(f"{where}: {t.name!r} is not a model {kind}; the model has {', '.join(by_name)}")
-    batch = config.max_batch > 0
-    result = []
-    for spec in graph:
-        if batch and (not spec.shape or spec.shape[0] != -1):
-            raise ConfigError(
-                f"{where}: max_batch is {config.max_batch} but {kind} {spec.name!r} has shape {list(spec.shape)} "
-                "with no variable first (batch) dimension; set max_batch = 0 or export with a dynamic batch axis"
-            )
-        tc = next((t for t in configured if t.name == spec.name), None)
-        shape = spec.shape
-        labels: tuple[str, ...] = ()
-        if tc is not None:
-            if tc.datatype != spec.datatype:
-                raise ConfigError(f"{where}: {tc.name!r} datatype {tc.datatype} does not match the model's {spec.datatype}")
-            want = ((-1,) if batch else ()) + tuple(tc.dims)
-            if len(want) != len(shape) or any(g >= 0 and w != g for w, g in zip(want, shape)):
-                shown = list(tc.dims)
-                model_dims = list(shape[1:] if batch else shape)
-                raise ConfigError(f"{where}: {tc.name!r} dims {shown} do not match the model's {model_dims}")
-            shape = want
-            if tc.labels:
-                labels_path = model_dir / tc.labels
-                if not labels_path.is_file():
-                    raise ConfigError(f"{where}: {tc.name!r} labels file {labels_path} does not exist")
-                labels = tuple(line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines())
-        result.append(TensorSpec(spec.name, spec.datatype, shape, labels))
-    return result
-
-
-def engine_id(model_path: Path, config: ModelConfig, ort_version: str) -> str:
-    digest = hashlib.sha256()
-    with open(model_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(f"|onnxruntime-{ort_version}|cpu|{config.precision}|{config.onnxruntime.graph_optimization}".encode())
-    return digest.hexdigest()[:16]
-
-
-def build(model_path: Path, config: ModelConfig) -> OrtEngine:
+def providers() -> list[str]:
+    """CUDA when onnxruntime-gpu and a GPU are there, else the CPU."""
     import onnxruntime as ort
 
-    model_dir = model_path.parent.parent
-    threads = threads_per_slot(config)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[config.onnxruntime.graph_optimization])
-    options.add_session_config_entry(
-        "session.intra_op.allow_spinning", "1" if config.onnxruntime.allow_spinning else "0"
-    )
+    available = ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+
+
+def _cpu_name() -> str:
     try:
-        sessions = [
-            ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-            for _ in range(config.instances)
-        ]
-    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid models
-        raise ConfigError(f"{model_path}: ONNX Runtime cannot load the model: {exc}") from None
-    first = sessions[0]
-    inputs = _merge(_graph_specs(first.get_inputs(), config.name, "input"), config.input, config, model_dir, "input")
-    outputs = _merge(_graph_specs(first.get_outputs(), config.name, "output"), config.output, config, model_dir, "output")
-    return OrtEngine(
-        sessions,
-        inputs,
-        outputs,
-        precision=config.precision,
-        engine_id=engine_id(model_path, config, ort.__version__),
-        threads_per_slot=threads,
-    )
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu part")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def build_options(config: ModelConfig) -> dict[str, Any]:
+    return {"graph_optimization": config.onnxruntime.graph_optimization, "providers": providers()}
+
+
+def fingerprint(options: dict[str, Any]) -> dict[str, str]:
+    import onnxruntime as ort
+
+    return {
+        "backend": "onnxruntime",
+        "version": ort.__version__,
+        "device": f"{platform.machine()} {_cpu_name()}",
+        "dla_core": "-1",
+        "options": f"graph_optimization={options['graph_optimization']};providers={','.join(options['providers'])}",
+    }
+
+
+def target(options: dict[str, Any]) -> str:
+    """Q/DQ flavour: U8 activations for the CPU kernels, TensorRT's S8 form for the CUDA provider."""
+    return "cpu" if options["providers"][0] == "CPUExecutionProvider" else "tensorrt"
+
+
+def build_artifact(lowered: Path, artifact: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Runs in the build worker: optimize ``lowered`` with ONNX Runtime and save the result."""
+    import onnxruntime as ort
+
+    level = options["graph_optimization"]
+    if level == "disable":
+        shutil.copyfile(lowered, artifact)
+    else:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
+        so.optimized_model_filepath = str(artifact)
+        so.intra_op_num_threads = 1
+        ort.InferenceSession(str(lowered), so, providers=options["providers"])
+    return {"onnxruntime": ort.__version__, "graph_optimization": level}

@@ -6,9 +6,15 @@ N batches at once without sharing (and contending for) one pool.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from daemon.config import ModelConfig
+from daemon.engines import specs
 from daemon.engines.base import TensorSpec
+from daemon.engines.onnxruntime.builder import providers, threads_per_slot
+from daemon.errors import ConfigError
 
 
 class OrtEngine:
@@ -51,3 +57,25 @@ class OrtEngine:
     def close(self) -> None:
         # Dropping the sessions frees their memory and thread pools.
         self._sessions = []
+
+
+def load(artifact: Path, config: ModelConfig, model_dir: Path, *, engine_id: str) -> OrtEngine:
+    """Open an optimized model from the engine cache, one session per instance slot."""
+    import onnxruntime as ort
+
+    threads = threads_per_slot(config)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # The artifact was optimized when it was built; doing it again is the cost a warm start saves.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.onnxruntime.allow_spinning else "0")
+    try:
+        sessions = [ort.InferenceSession(str(artifact), options, providers=providers()) for _ in range(config.instances)]
+    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid models
+        raise ConfigError(f"{artifact}: ONNX Runtime cannot load the engine: {exc}") from None
+    first = sessions[0]
+    inputs, outputs = specs.resolve(specs.from_ort(first.get_inputs(), config.name, "input"),
+                                    specs.from_ort(first.get_outputs(), config.name, "output"), config, model_dir)
+    return OrtEngine(sessions, inputs, outputs, precision=config.precision, engine_id=engine_id, threads_per_slot=threads)

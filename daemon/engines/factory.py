@@ -1,0 +1,164 @@
+"""From a model version on disk to a ready engine: recipe → engine cache → build worker → load → warm-up.
+
+The precision in config.toml is what runs: a model whose precision needs a calibration
+cache it does not have fails to load with a message saying so (DeepStream would fall back
+to FP32 silently), and a cache computed on another model is refused by the build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calib.cache import sha256_file
+from daemon.config import ModelConfig
+from daemon.engines import specs
+from daemon.engines.cache import EngineCache, engine_key, recipe_key
+from daemon.engines.worker import BuildFailed, BuildJob, BuildPool
+from daemon.errors import ConfigError
+from daemon.telemetry import metrics
+
+log = logging.getLogger("tegrad.engines")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    engine: Any
+    key: str
+    calibration_cache_id: str
+    layers: dict[str, int]
+    cache_hit: bool
+    build_seconds: float | None
+
+
+@dataclass(frozen=True)
+class _Backend:
+    options: dict[str, Any]
+    fingerprint: dict[str, str]
+    target: str
+
+
+def _backend(config: ModelConfig) -> _Backend:
+    if config.backend == "tensorrt":
+        from daemon.engines.tensorrt import builder as trt_builder
+
+        return _Backend(config.tensorrt.model_dump(), trt_builder.fingerprint(config.tensorrt), "tensorrt")
+    from daemon.engines.onnxruntime import builder as ort_builder
+
+    options = ort_builder.build_options(config)
+    return _Backend(options, ort_builder.fingerprint(options), ort_builder.target(options))
+
+
+def _load(config: ModelConfig, model_dir: Path, model_file: Path, artifact: Path, key: str):
+    if config.backend == "tensorrt":
+        from daemon.engines.tensorrt import runner as trt_runner
+
+        inputs, outputs = specs.resolve(*specs.from_onnx(model_file, config.name), config, model_dir)
+        return trt_runner.load(artifact, inputs=inputs, outputs=outputs, instances=config.instances,
+                               max_batch=config.max_batch, precision=config.precision, engine_id=key[:16],
+                               dla_core=config.tensorrt.dla_core)
+    from daemon.engines.onnxruntime import runner as ort_runner
+
+    return ort_runner.load(artifact, config, model_dir, engine_id=key[:16])
+
+
+def calibration_path(config: ModelConfig, model_dir: Path) -> Path | None:
+    if not config.calibration_cache:
+        return None
+    path = Path(config.calibration_cache)
+    path = path if path.is_absolute() else model_dir / path
+    if not path.is_file():
+        raise ConfigError(
+            f"{model_dir / 'config.toml'}: calibration_cache: precision {config.precision!r} needs the calibration "
+            f"cache {path}, which does not exist (make one with `tegrad calibrate`)"
+        )
+    return path
+
+
+def warm_up(engine, runs: int) -> None:
+    """Run every slot ``runs`` times on zeros so first-use allocations happen before traffic."""
+    if runs == 0 or any(t.datatype == "BYTES" or -1 in t.shape[1:] for t in engine.inputs):
+        return  # no shape or content to invent for these inputs
+    feeds = {t.name: np.zeros([1 if d < 0 else d for d in t.shape], t.dtype) for t in engine.inputs}
+    for slot in range(getattr(engine, "slots", 1)):
+        for _ in range(runs):
+            engine.infer(feeds, slot)
+
+
+class EngineFactory:
+    def __init__(self, cache: EngineCache, pool: BuildPool) -> None:
+        self.cache = cache
+        self.pool = pool
+
+    async def prepare(self, config: ModelConfig, model_dir: Path, version: int, model_file: Path,
+                      report: Callable[[str], None] = lambda s: None) -> Prepared:
+        name = config.name
+        calib = calibration_path(config, model_dir)
+        backend = await asyncio.to_thread(_backend, config)
+        source_sha = await asyncio.to_thread(sha256_file, model_file)
+        calib_sha = await asyncio.to_thread(sha256_file, calib) if calib else None
+        recipe = recipe_key(source_sha, calib_sha, config.precision, config.exclude, config.exclude_precision, backend.target)
+        lowered = self.cache.lowered_sha(recipe)
+        entry = await asyncio.to_thread(self.cache.lookup, engine_key(lowered, backend.fingerprint)) if lowered else None
+        build_seconds = None
+        if entry is None:
+            if not lowered:
+                metrics.ENGINE_CACHE_LOOKUPS.labels("miss").inc()
+            entry, build_seconds = await self._build(config, version, model_file, calib, backend, recipe, report)
+        else:
+            log.info("model %s version %d: engine %s from the cache", name, version, entry.key[:16])
+        report("loading")
+        engine = await asyncio.to_thread(_load, config, model_dir, model_file, entry.artifact, entry.key)
+        try:
+            report("warming up")
+            await asyncio.to_thread(warm_up, engine, config.build.warmup_runs)
+        except Exception as exc:
+            engine.close()
+            raise ConfigError(f"model {name} version {version}: the engine fails its warm-up run: {exc}") from None
+        return Prepared(engine, entry.key, calib_sha[:16] if calib_sha else "", dict(entry.meta.get("layers", {})),
+                        build_seconds is None, build_seconds)
+
+    async def _build(self, config: ModelConfig, version: int, model_file: Path, calib: Path | None,
+                     backend: _Backend, recipe: str, report: Callable[[str], None]):
+        scratch = await asyncio.to_thread(self.cache.scratch)
+        job = BuildJob(
+            model=config.name, version=version, backend=config.backend, precision=config.precision,
+            source=str(model_file), work_dir=str(scratch), target=backend.target,
+            calibration_cache=str(calib) if calib else None, exclude=tuple(config.exclude),
+            exclude_precision=config.exclude_precision, max_batch=config.max_batch, options=backend.options,
+            timing_cache=str(self.cache.timing_cache(backend.fingerprint)) if config.backend == "tensorrt" else None,
+        )
+        labels = (config.backend, config.precision)
+        start = time.monotonic()
+        try:
+            try:
+                result = await self.pool.build(job, timeout=config.build.timeout_s,
+                                               progress=lambda s: report(f"building: {s}"))
+            except BuildFailed as exc:
+                metrics.ENGINE_BUILDS.labels(*labels, exc.result).inc()
+                raise
+            except asyncio.CancelledError:
+                metrics.ENGINE_BUILDS.labels(*labels, "cancelled").inc()
+                raise
+            finally:
+                metrics.ENGINE_BUILD_DURATION.labels(*labels).observe(time.monotonic() - start)
+            metrics.ENGINE_BUILDS.labels(*labels, "success").inc()
+            key = engine_key(result.lowered_sha256, backend.fingerprint)
+            meta = {"backend": config.backend, "precision": config.precision, "fingerprint": backend.fingerprint,
+                    "lowered_sha256": result.lowered_sha256, "layers": result.layers, "model": config.name,
+                    "version": version, "build_seconds": round(result.seconds, 3),
+                    "peak_rss_mb": round(result.peak_rss_mb, 1), "build_info": result.info}
+            entry = await asyncio.to_thread(self.cache.store, key, result.artifact, meta)
+            await asyncio.to_thread(self.cache.remember_recipe, recipe, result.lowered_sha256)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+        return entry, result.seconds
+
