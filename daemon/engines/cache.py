@@ -224,7 +224,7 @@ class EngineCache:
 
     def timing_cache(self, fingerprint: dict[str, str]) -> Path:
         # Tactic timings depend on the device and the TensorRT version, not on the model's build options.
-        device = {k: v for k, v in fingerprint.items() if k != "options"}
+        device = {k: v for k, v in fingerprint.items() if k in ("backend", "version", "device", "compute_capability")}
         return self.timing / (hashlib.sha256(_canonical(device).encode()).hexdigest()[:32] + ".cache")
 
     def scratch(self) -> Path:

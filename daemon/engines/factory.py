@@ -50,7 +50,9 @@ def _backend(config: ModelConfig) -> _Backend:
     if config.backend == "tensorrt":
         from daemon.engines.tensorrt import builder as trt_builder
 
-        return _Backend(config.tensorrt.model_dump(), trt_builder.fingerprint(config.tensorrt), "tensorrt")
+        # The optimization profile spans max_batch, so a plan serves only the max_batch it was built for.
+        fingerprint = {**trt_builder.fingerprint(config.tensorrt), "max_batch": str(config.max_batch)}
+        return _Backend(config.tensorrt.model_dump(), fingerprint, "tensorrt")
     from daemon.engines.onnxruntime import builder as ort_builder
 
     options = ort_builder.build_options(config)

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import resource
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,8 +112,11 @@ def _build(job: BuildJob, lowered: Path, send) -> tuple[Path, dict[str, Any]]:
 
 
 def _worker_main(job: BuildJob, conn) -> None:
+    lock = threading.Lock()
+
     def send(*message) -> None:
-        conn.send(message)
+        with lock:  # TensorRT reports progress from its own threads
+            conn.send(message)
 
     stage = "starting"
     try:

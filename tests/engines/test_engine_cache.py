@@ -107,5 +107,5 @@ def test_interrupted_store_and_build_leftovers_are_cleared_at_start(tmp_path):
 
 def test_timing_cache_is_per_device_and_version_not_per_build_options(tmp_path):
     cache = EngineCache(tmp_path / "c", 1 << 30)
-    assert cache.timing_cache(FP) == cache.timing_cache({**FP, "options": "workspace_mb=64"})
+    assert cache.timing_cache(FP) == cache.timing_cache({**FP, "options": "workspace_mb=64", "max_batch": "8"})
     assert cache.timing_cache(FP) != cache.timing_cache({**FP, "version": "11.4.0"})

@@ -1,0 +1,302 @@
+"""Runs a TensorRT engine plan: one execution context and one CUDA stream per instance slot.
+
+All CUDA work happens in the device's primary context, the one TensorRT's runtime API uses
+too, pushed around every block of calls because slots run on different threads. Buffers are
+allocated once per slot, sized for the optimization profile's largest shapes. On an integrated
+GPU (Jetson) outputs live in mapped pinned host memory the GPU writes directly; inputs stay in
+device memory because mapped memory is uncached for GPU reads on some Tegra chips.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from daemon.engines.base import TensorSpec
+from daemon.engines.tensorrt.builder import require_cuda, require_tensorrt, trt_logger
+from daemon.errors import ConfigError, InvalidArgument, Unavailable
+
+# TensorRT DataType name -> numpy dtype for tensors that cross the engine boundary.
+_IO_TYPES = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
+
+
+def numpy_dtype(trt, datatype, name: str) -> np.dtype:
+    for attr, np_type in _IO_TYPES.items():
+        if getattr(trt.DataType, attr, None) == datatype:
+            return np.dtype(np_type)
+    raise ConfigError(
+        f"engine tensor {name!r} has TensorRT type {datatype}, which tegrad cannot pass in or out "
+        "(BF16, FP8 and INT4 are not supported at the model boundary); cast it in the ONNX graph"
+    )
+
+
+_primary = None
+_primary_lock = threading.Lock()
+
+
+def _primary_context(cuda):
+    """Device 0's primary context, retained once for the life of the process.
+
+    Never released: TensorRT's CUDA runtime keeps it alive anyway, and pycuda's detach of a
+    primary context leaves it current on the calling thread.
+    """
+    global _primary
+    with _primary_lock:
+        if _primary is None:
+            _primary = cuda.Device(0).retain_primary_context()
+        return _primary
+
+
+class _Buffer:
+    """A pinned host array plus the device address TensorRT reads or writes."""
+
+    __slots__ = ("host", "device", "ptr")
+
+    def __init__(self, cuda, elements: int, dtype: np.dtype, mapped: bool) -> None:
+        n = max(int(elements), 1)  # zero-byte allocations fail
+        if mapped:
+            self.host = cuda.pagelocked_empty(n, dtype, mem_flags=cuda.host_alloc_flags.DEVICEMAP)
+            self.device = None
+            self.ptr = int(self.host.base.get_device_pointer())
+        else:
+            self.host = cuda.pagelocked_empty(n, dtype)
+            self.device = cuda.mem_alloc(self.host.nbytes)
+            self.ptr = int(self.device)
+
+    def free(self) -> None:
+        if self.device is not None:
+            self.device.free()
+        self.host.base.free()
+
+
+class _Slot:
+    __slots__ = ("lock", "context", "stream", "buffers")
+
+    def __init__(self, context, stream) -> None:
+        self.lock = threading.Lock()
+        self.context = context
+        self.stream = stream
+        self.buffers: dict[str, _Buffer] = {}
+
+
+class TrtEngine:
+    backend = "tensorrt"
+
+    def __init__(self, cuda, inputs: list[TensorSpec], outputs: list[TensorSpec], *, precision: str, engine_id: str) -> None:
+        self._cuda = cuda
+        self.inputs = inputs
+        self.outputs = outputs
+        self.precision = precision
+        self.engine_id = engine_id
+        self._ctx = _primary_context(cuda)
+        self._runtime = None
+        self._engine = None
+        self._slots: list[_Slot] = []
+        self._in_types: dict[str, np.dtype] = {}
+        self._out_types: dict[str, np.dtype] = {}  # every engine output: TensorRT needs an address for each
+        self._zero_copy = False
+        self._closed = False
+
+    @classmethod
+    def load(
+        cls,
+        plan_path: Path,
+        *,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        instances: int,
+        max_batch: int,
+        precision: str,
+        engine_id: str,
+        dla_core: int = -1,
+    ) -> TrtEngine:
+        trt = require_tensorrt()
+        cuda = require_cuda()
+        self = cls(cuda, inputs, outputs, precision=precision, engine_id=engine_id)
+        try:
+            self._ctx.push()
+            try:
+                self._open(trt, Path(plan_path), instances, max_batch, dla_core)
+            finally:
+                cuda.Context.pop()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @property
+    def slots(self) -> int:
+        return len(self._slots)
+
+    def _open(self, trt, plan_path: Path, instances: int, max_batch: int, dla_core: int) -> None:
+        cuda = self._cuda
+        logger = trt_logger()
+        logger.errors.clear()
+        self._runtime = trt.Runtime(logger)
+        if dla_core >= 0:
+            self._runtime.DLA_core = dla_core
+        self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self._engine is None:
+            raise ConfigError(
+                f"{plan_path}: TensorRT {trt.__version__} cannot load this engine plan (built by another TensorRT "
+                f"version or for another GPU?); delete it to rebuild: {' | '.join(logger.errors)}"
+            )
+        engine = self._engine
+        io = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            io[name] = (is_input, numpy_dtype(trt, engine.get_tensor_dtype(name), name), tuple(engine.get_tensor_shape(name)))
+        self._check_specs(io, plan_path)
+        self._in_types = {n: dt for n, (is_in, dt, _) in io.items() if is_in}
+        self._out_types = {n: dt for n, (is_in, dt, _) in io.items() if not is_in}
+        max_in = {n: tuple(engine.get_tensor_profile_shape(n, 0)[2]) for n in self._in_types}
+        if max_batch > 0:
+            short = {n: s[0] for n, s in max_in.items() if s and s[0] < max_batch}
+            if short:
+                raise ConfigError(f"{plan_path}: the engine takes batches up to {min(short.values())} but max_batch is "
+                                  f"{max_batch}; delete the plan to rebuild it")
+        device = cuda.Device(0)
+        self._zero_copy = bool(device.get_attribute(cuda.device_attribute.INTEGRATED)) and bool(
+            device.get_attribute(cuda.device_attribute.CAN_MAP_HOST_MEMORY)
+        )
+        max_out: dict[str, int] = {}
+        for _ in range(instances):
+            context = engine.create_execution_context()
+            if context is None:
+                raise RuntimeError(f"{plan_path}: TensorRT could not create an execution context (out of GPU memory?)")
+            slot = _Slot(context, cuda.Stream())
+            self._slots.append(slot)
+            if not max_out:  # output sizes at the largest input shapes; _fit grows a buffer if ever needed
+                for name, shape in max_in.items():
+                    context.set_input_shape(name, shape)
+                for name in self._out_types:
+                    shape = tuple(context.get_tensor_shape(name))
+                    if any(d < 0 for d in shape):
+                        raise ConfigError(f"{plan_path}: output {name!r} has a data-dependent shape {list(shape)}, "
+                                          "which tegrad's TensorRT runner does not support")
+                    max_out[name] = math.prod(shape)
+            for name, dtype in self._in_types.items():
+                slot.buffers[name] = _Buffer(cuda, math.prod(max_in[name]), dtype, mapped=False)
+            for name, dtype in self._out_types.items():
+                slot.buffers[name] = _Buffer(cuda, max_out[name], dtype, mapped=self._zero_copy)
+
+    def _check_specs(self, io: dict, plan_path: Path) -> None:
+        where = f"{plan_path}:"
+        for specs, want_input, kind in ((self.inputs, True, "input"), (self.outputs, False, "output")):
+            for spec in specs:
+                if spec.name not in io:
+                    raise ConfigError(f"{where} the engine has no tensor {spec.name!r}; its tensors are {', '.join(io)}")
+                is_input, dtype, shape = io[spec.name]
+                if is_input != want_input:
+                    raise ConfigError(f"{where} {spec.name!r} is an {'input' if is_input else 'output'} of the engine, "
+                                      f"not an {kind}")
+                if dtype != spec.dtype:
+                    raise ConfigError(f"{where} {kind} {spec.name!r} is {dtype} in the engine but {spec.datatype} "
+                                      "in the model config")
+                if len(shape) != len(spec.shape):
+                    raise ConfigError(f"{where} {kind} {spec.name!r} has shape {list(shape)} in the engine but "
+                                      f"{list(spec.shape)} in the model config")
+        fed = {s.name for s in self.inputs}
+        unfed = [n for n, (is_input, _, _) in io.items() if is_input and n not in fed]
+        if unfed:
+            raise ConfigError(f"{where} engine inputs {', '.join(map(repr, unfed))} are missing from the model's inputs")
+
+    def infer(self, feeds: dict[str, np.ndarray], slot: int = 0) -> dict[str, np.ndarray]:
+        s = self._slots[slot] if slot < len(self._slots) else None
+        if s is None or self._closed:
+            raise Unavailable(f"TensorRT engine {self.engine_id} is closed or has no slot {slot}")
+        with s.lock:
+            if self._closed:
+                raise Unavailable(f"TensorRT engine {self.engine_id} is closed")
+            self._ctx.push()
+            try:
+                return self._run(s, feeds)
+            except BaseException:
+                s.stream.synchronize()  # queued copies still read the pinned buffers the next batch refills
+                raise
+            finally:
+                self._cuda.Context.pop()
+
+    def _fit(self, slot: _Slot, name: str, elements: int, dtype: np.dtype, mapped: bool) -> _Buffer:
+        buf = slot.buffers[name]
+        if buf.host.size < elements:  # an output larger at some shape than at the profile's maximum
+            buf.free()
+            buf = slot.buffers[name] = _Buffer(self._cuda, elements, dtype, mapped)
+        return buf
+
+    def _run(self, s: _Slot, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cuda, context = self._cuda, s.context
+        for name, dtype in self._in_types.items():  # every check before the first copy is queued
+            arr = feeds.get(name)
+            if arr is None:
+                raise InvalidArgument(f"input {name!r} is missing")
+            if arr.dtype != dtype:
+                raise InvalidArgument(f"input {name!r} is {arr.dtype}, the engine takes {dtype}")
+            if not context.set_input_shape(name, arr.shape):
+                lo, _, hi = self._engine.get_tensor_profile_shape(name, 0)
+                raise InvalidArgument(f"input {name!r} shape {list(arr.shape)} is outside the engine's range "
+                                      f"{list(lo)} to {list(hi)}")
+        for name, dtype in self._in_types.items():
+            arr = feeds[name]
+            buf = self._fit(s, name, arr.size, dtype, mapped=False)
+            staged = buf.host[: arr.size]
+            np.copyto(staged.reshape(arr.shape), arr)
+            cuda.memcpy_htod_async(buf.ptr, staged, s.stream)
+            context.set_tensor_address(name, buf.ptr)
+        results = []
+        for name, dtype in self._out_types.items():
+            shape = tuple(context.get_tensor_shape(name))
+            n = math.prod(shape)
+            buf = self._fit(s, name, n, dtype, mapped=self._zero_copy)
+            context.set_tensor_address(name, buf.ptr)
+            results.append((name, shape, buf.host[:n]))
+        if not context.execute_async_v3(s.stream.handle):
+            raise RuntimeError(f"TensorRT could not run engine {self.engine_id}: {' | '.join(trt_logger().errors)}")
+        if not self._zero_copy:
+            for name, _, host in results:
+                cuda.memcpy_dtoh_async(host, s.buffers[name].ptr, s.stream)
+        s.stream.synchronize()
+        wanted = {o.name for o in self.outputs}
+        # Copies: the pinned buffers belong to the slot and the next batch overwrites them.
+        return {name: host.reshape(shape).copy() for name, shape, host in results if name in wanted}
+
+    def close(self) -> None:
+        """Free buffers, streams and execution contexts now, inside the primary context."""
+        slots = list(self._slots)
+        for s in slots:
+            s.lock.acquire()  # waits for a batch in flight on that slot
+        try:
+            if self._closed:
+                return
+            self._closed = True
+            self._ctx.push()
+            try:
+                for s in slots:
+                    for buf in s.buffers.values():
+                        buf.free()
+                    s.buffers.clear()
+                    s.context = None
+                    s.stream = None
+                self._slots = []
+                self._engine = None  # contexts before engine before runtime, as TensorRT requires
+                self._runtime = None
+            finally:
+                self._cuda.Context.pop()
+        finally:
+            for s in slots:
+                s.lock.release()
+
+
+load = TrtEngine.load

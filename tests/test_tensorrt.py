@@ -1,0 +1,288 @@
+"""TensorRT backend: optimization-profile planning everywhere; builds and inference on a GPU with TensorRT."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from daemon.config import TensorRTOptions, TensorRTProfile
+from daemon.engines.base import TensorSpec
+from daemon.engines.tensorrt import builder as B
+from daemon.errors import ConfigError, InvalidArgument
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "daemon" / "models" / "digits"
+MODEL = DIGITS / "1" / "model.onnx"
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def opts(**kwargs) -> TensorRTOptions:
+    return TensorRTOptions(**kwargs)
+
+
+def prof(name, lo, opt, hi) -> TensorRTProfile:
+    return TensorRTProfile(input=name, min=lo, opt=opt, max=hi)
+
+
+# --- optimization profile (pure Python) ---
+
+
+def test_batch_dimension_comes_from_max_batch():
+    shapes = B.profile_shapes({"x": (-1, 3, 8, 8)}, 16, opts(min_batch=2, opt_batch=4))
+    assert shapes == {"x": ((2, 3, 8, 8), (4, 3, 8, 8), (16, 3, 8, 8))}
+
+
+def test_opt_batch_defaults_to_max_batch():
+    shapes = B.profile_shapes({"a": (-1, 4), "b": (-1,)}, 32, opts())
+    assert shapes == {"a": ((1, 4), (32, 4), (32, 4)), "b": ((1,), (32,), (32,))}
+
+
+def test_static_model_without_batching_keeps_its_shape():
+    assert B.profile_shapes({"x": (1, 3, 4, 4)}, 0, opts()) == {"x": ((1, 3, 4, 4),) * 3}
+
+
+def test_explicit_profile_overrides_the_batch_rule():
+    options = opts(min_batch=2, profile=[prof("img", [1, 3, 32, 32], [4, 3, 64, 64], [8, 3, 128, 128])])
+    shapes = B.profile_shapes({"img": (-1, 3, -1, -1), "scale": (-1, 2)}, 8, options)
+    assert shapes["img"] == ((1, 3, 32, 32), (4, 3, 64, 64), (8, 3, 128, 128))
+    assert shapes["scale"] == ((2, 2), (8, 2), (8, 2))
+
+
+def test_variable_non_batch_dimension_needs_a_profile():
+    with pytest.raises(ConfigError, match=r"input 'img' dimension 2 is variable.*\[\[tensorrt\.profile\]\]"):
+        B.profile_shapes({"img": (-1, 3, -1, 64)}, 4, opts())
+    with pytest.raises(ConfigError, match=r"input 'x' dimension 0"):
+        B.profile_shapes({"x": (-1, 4)}, 0, opts())
+
+
+def test_profile_rank_must_match_the_model():
+    with pytest.raises(ConfigError, match=r"profile\]\] for input 'x' has rank 3"):
+        B.profile_shapes({"x": (-1, 4)}, 4, opts(profile=[prof("x", [1, 4, 1], [2, 4, 1], [4, 4, 1])]))
+
+
+def test_profile_must_agree_with_fixed_dimensions():
+    with pytest.raises(ConfigError, match=r"'x': dimension 1 is fixed at 4"):
+        B.profile_shapes({"x": (-1, 4)}, 4, opts(profile=[prof("x", [1, 4], [2, 5], [4, 5])]))
+
+
+def test_profile_for_an_unknown_input_is_rejected():
+    with pytest.raises(ConfigError, match=r"'nope'.*inputs are 'x'"):
+        B.profile_shapes({"x": (-1, 4)}, 4, opts(profile=[prof("nope", [1], [1], [1])]))
+
+
+def test_profile_below_max_batch_is_rejected():
+    with pytest.raises(ConfigError, match=r"batch 4 is below max_batch 8"):
+        B.profile_shapes({"x": (-1, 4)}, 8, opts(profile=[prof("x", [1, 4], [2, 4], [4, 4])]))
+
+
+def test_batching_needs_a_variable_first_dimension():
+    with pytest.raises(ConfigError, match=r"max_batch is 4 but input 'x' has shape \[1, 4\]"):
+        B.profile_shapes({"x": (1, 4)}, 4, opts())
+
+
+def test_min_batch_above_max_batch_is_rejected():
+    with pytest.raises(ConfigError, match=r"min_batch <= opt_batch <= max_batch"):
+        B.profile_shapes({"x": (-1, 4)}, 4, opts(min_batch=8))
+
+
+def test_option_fingerprint_is_canonical():
+    a = opts(profile=[prof("a", [1], [1], [1]), prof("b", [1], [2], [3])])
+    b = opts(gpu_fallback=False, profile=[prof("b", [1], [2], [3]), prof("a", [1], [1], [1])])
+    assert B._canonical_options(a) == B._canonical_options(b)  # GPU fallback means nothing off the DLA
+    assert B._canonical_options(opts(dla_core=0)) != B._canonical_options(opts(dla_core=0, gpu_fallback=False))
+    assert B._canonical_options(opts()) != B._canonical_options(opts(workspace_mb=256))
+
+
+# --- without TensorRT ---
+
+
+def test_modules_import_without_tensorrt_or_pycuda():
+    code = (
+        "import sys, daemon.engines.tensorrt.builder, daemon.engines.tensorrt.runner\n"
+        "assert not {'tensorrt', 'pycuda'} & set(sys.modules), sorted(sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
+def test_missing_tensorrt_is_a_config_error():
+    from daemon.engines.tensorrt.runner import TrtEngine
+
+    with pytest.raises(ConfigError, match=r"backend 'tensorrt' needs the tensorrt Python package"):
+        B.fingerprint(opts())
+    with pytest.raises(ConfigError, match=r"tensorrt Python package"):
+        TrtEngine.load(Path("x.plan"), inputs=[], outputs=[], instances=1, max_batch=0, precision="fp32", engine_id="x")
+
+
+# --- on a GPU with TensorRT ---
+
+INPUTS = [TensorSpec("input", "FP32", (-1, 1, 8, 8))]
+OUTPUTS = [TensorSpec("logits", "FP32", (-1, 10))]
+
+
+def _digits(name: str) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(DIGITS / "data" / f"{name}.npz")
+    return (data["x"].astype(np.float32) / 16.0)[:, None], data["y"]
+
+
+def _ort(model_path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return sess.run(["logits"], {"input": x})[0]
+
+
+def _build(onnx_path: Path, plan: Path, cache: Path | None, messages: list | None = None) -> dict:
+    report = messages.append if messages is not None else None
+    return B.build_engine(onnx_path, plan, options=opts(), max_batch=64, timing_cache_path=cache, progress=report)
+
+
+def _load(plan: Path, instances: int = 2, **kwargs):
+    from daemon.engines.tensorrt.runner import TrtEngine
+
+    args = {"inputs": INPUTS, "outputs": OUTPUTS, "max_batch": 64, "precision": "fp32", "engine_id": "t"} | kwargs
+    return TrtEngine.load(plan, instances=instances, **args)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trt")
+    messages: list[str] = []
+    report = _build(MODEL, d / "digits.plan", d / "timing.cache", messages)
+    return d, report, messages
+
+
+@pytest.fixture(scope="module")
+def engine(built):
+    eng = _load(built[0] / "digits.plan")
+    yield eng
+    eng.close()
+
+
+@pytest.mark.tensorrt
+def test_build_writes_plan_timing_cache_and_progress(built):
+    d, report, messages = built
+    assert report["plan_bytes"] == (d / "digits.plan").stat().st_size > 0
+    assert report["layers"] > 0 and report["tensorrt"]
+    assert (d / "timing.cache").stat().st_size > 0
+    stages = [m for m in messages if m in ("parsing", "building", "serializing")]
+    assert stages == ["parsing", "building", "serializing"]
+    assert not list(d.glob(".*.tmp"))
+
+
+@pytest.mark.tensorrt
+def test_fingerprint_names_the_gpu():
+    fp = B.fingerprint(opts())
+    assert fp["backend"] == "tensorrt" and fp["device"] and fp["dla_core"] == "-1"
+    assert fp["compute_capability"].replace(".", "").isdigit()
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("slot", [0, 1])
+def test_matches_onnxruntime(engine, batch, slot):
+    x, _ = _digits("heldout")
+    out = engine.infer({"input": x[:batch]}, slot)
+    assert set(out) == {"logits"} and out["logits"].shape == (batch, 10) and out["logits"].dtype == np.float32
+    np.testing.assert_allclose(out["logits"], _ort(MODEL, x[:batch]), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.tensorrt
+def test_two_slots_in_parallel_give_the_same_results(engine):
+    x, _ = _digits("heldout")
+    chunks = [x[0:7], x[7:40], x[40:41], x[41:105]]
+    expected = [_ort(MODEL, c) for c in chunks]
+    failures: list[BaseException] = []
+
+    def worker(slot: int) -> None:
+        try:
+            for _ in range(10):
+                for c, want in zip(chunks, expected):
+                    np.testing.assert_allclose(engine.infer({"input": c}, slot)["logits"], want, rtol=1e-3, atol=1e-3)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+
+
+@pytest.mark.tensorrt
+def test_bad_requests_are_invalid_arguments(engine):
+    x, _ = _digits("heldout")
+    with pytest.raises(InvalidArgument, match="outside the engine's range"):
+        engine.infer({"input": np.zeros((65, 1, 8, 8), np.float32)}, 0)
+    with pytest.raises(InvalidArgument, match="float64"):
+        engine.infer({"input": x[:2].astype(np.float64)}, 0)
+    assert engine.infer({"input": x[:2]}, 0)["logits"].shape == (2, 10)  # the slot still works
+
+
+@pytest.mark.tensorrt
+def test_load_checks_the_specs(built):
+    with pytest.raises(ConfigError, match="INT32"):
+        _load(built[0] / "digits.plan", 1, inputs=[TensorSpec("input", "INT32", (-1, 1, 8, 8))])
+    with pytest.raises(ConfigError, match="no tensor 'probs'"):
+        _load(built[0] / "digits.plan", 1, outputs=[TensorSpec("probs", "FP32", (-1, 10))])
+    with pytest.raises(ConfigError, match="max_batch is 128"):
+        _load(built[0] / "digits.plan", 1, max_batch=128)
+
+
+@pytest.mark.tensorrt
+def test_second_build_reuses_the_timing_cache(built, tmp_path, caplog):
+    cache = built[0] / "timing.cache"
+    before = cache.stat().st_size
+    with caplog.at_level(logging.WARNING, logger="tegrad.engines.tensorrt"):
+        _build(MODEL, tmp_path / "again.plan", cache)
+    assert not [r for r in caplog.records if "timing cache" in r.getMessage()]
+    assert cache.stat().st_size >= before
+
+
+@pytest.mark.tensorrt
+def test_corrupt_timing_cache_is_ignored(tmp_path, caplog):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"not a timing cache")
+    with caplog.at_level(logging.WARNING, logger="tegrad.engines.tensorrt"):
+        _build(MODEL, tmp_path / "x.plan", cache)
+    assert any("timing cache" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "x.plan").stat().st_size > 0 and cache.read_bytes() != b"not a timing cache"
+
+
+@pytest.mark.tensorrt
+def test_unparseable_model_names_the_parser_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ConfigError, match="cannot parse the model"):
+        _build(bad, tmp_path / "bad.plan", None)
+
+
+@pytest.mark.tensorrt
+def test_int8_qdq_model_agrees_with_onnxruntime(tmp_path):
+    from calib import lower as L
+    from calib.algorithms import compute_all
+    from calib.observe import observe
+
+    model = onnx.load(MODEL)
+    amax = compute_all(observe(model, _digits("calib")[0], progress=False), "max")
+    lowered = tmp_path / "int8.onnx"
+    onnx.save(L.lower(model, "int8", amax), str(lowered))
+    _build(lowered, tmp_path / "int8.plan", tmp_path / "timing.cache")
+    eng = _load(tmp_path / "int8.plan", 1, precision="int8")
+    try:
+        x, y = _digits("heldout")
+        got = np.concatenate([eng.infer({"input": x[i : i + 64]}, 0)["logits"] for i in range(0, len(x), 64)])
+    finally:
+        eng.close()
+    want = _ort(lowered, x)
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99
+    assert np.mean(got.argmax(1) == y) > 0.9
