@@ -69,3 +69,11 @@ def test_int8_without_its_cache_file_is_refused_before_any_build(digits_dir, tmp
     with pytest.raises(ConfigError, match=r"calibration_cache: precision 'int8' needs the calibration cache .*nope.json"):
         _prepare(factory, digits_dir, config)
     assert not any((tmp_path / "cache" / "entries").iterdir())
+
+
+def test_serving_options_do_not_change_the_engine(digits_dir, tmp_path):
+    factory = EngineFactory(EngineCache(tmp_path / "cache", 1 << 30), BuildPool())
+    first = _prepare(factory, digits_dir, load_model_config(digits_dir))
+    tuned = load_model_config(digits_dir).model_copy(update={"instances": 1, "inline_below_us": 0})
+    second = _prepare(factory, digits_dir, tuned)
+    assert second.cache_hit and second.key == first.key, "instances and scheduling are not part of the engine"
