@@ -41,8 +41,21 @@ def _inputs(session, batch: int, rng) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _drive(concurrency: int, seconds: float, call) -> tuple[float, np.ndarray]:
-    """Run ``call()`` from N threads for ``seconds``; return (calls/s, latencies in s)."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _drive(concurrency: int, seconds: float, call, server_pid: int | None = None) -> tuple[float, np.ndarray]:
+    """Run ``call()`` from N threads for ``seconds``; return (calls/s, latencies in s).
+
+    Also records CPU ms per call of this process (the raw session, or the clients) and of
+    the server in ``_drive.cpu``: on a 2-core machine the cores are the bottleneck, so CPU
+    per inference, not latency, decides the throughput ratio.
+    """
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     stop = threading.Event()
     barrier = threading.Barrier(concurrency + 1)
@@ -60,12 +73,17 @@ def _drive(concurrency: int, seconds: float, call) -> tuple[float, np.ndarray]:
         t.start()
     barrier.wait()
     start = time.perf_counter()
+    cpu0 = time.process_time()
+    srv0 = _cpu_seconds(server_pid) if server_pid else 0.0
     time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
     lat = np.concatenate([np.asarray(x) for x in latencies])
+    own = (time.process_time() - cpu0) * 1000 / len(lat)
+    srv = ((_cpu_seconds(server_pid) - srv0) * 1000 / len(lat)) if server_pid else 0.0
+    _drive.cpu = (own, srv)
     return len(lat) / elapsed, lat
 
 
@@ -76,6 +94,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=8.0, help="measurement time per cell (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating raw/tegrad rounds per cell; medians (default: %(default)s)")
     parser.add_argument("--config", default="max_batch = 8\ninstances = 1\n", help="tegrad config.toml text for the model")
     args = parser.parse_args()
 
@@ -115,25 +134,50 @@ def main() -> int:
             got = clients[0].infer("bench", requests[0]).as_numpy(outputs[0])
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
+            # The transport floor: a no-op RPC (ServerLive) from the same client, so the table can
+            # tell what the Python gRPC stack costs from what tegrad adds on top of it.
+            _drive(1, args.warmup, lambda i: clients[0].is_server_live())
+            _, floor_lat = _drive(1, args.seconds, lambda i: clients[0].is_server_live())
             rows = []
             for c in args.concurrency:
-                _drive(c, args.warmup, raw)
-                raw_tput, raw_lat = _drive(c, args.seconds, raw)
-                _drive(c, args.warmup, served)
-                srv_tput, srv_lat = _drive(c, args.seconds, served)
-                rows.append((c, raw_tput, srv_tput, raw_lat, srv_lat))
+                # Alternate raw and served cells; a shared 2-core VM drifts, and medians over
+                # alternating rounds keep the drift out of the ratio.
+                cells = []
+                for _ in range(args.rounds):
+                    _drive(c, args.warmup, raw)
+                    raw_tput, raw_lat = _drive(c, args.seconds, raw)
+                    raw_cpu = _drive.cpu[0]
+                    _drive(c, args.warmup, served)
+                    srv_tput, srv_lat = _drive(c, args.seconds, served, server.proc.pid)
+                    cells.append((raw_tput, srv_tput, raw_lat, srv_lat, raw_cpu, *_drive.cpu))
+                med = [float(np.median([cell[k] for cell in cells])) for k in (0, 1, 4, 5, 6)]
+                rows.append((c, med[0], med[1], np.concatenate([cell[2] for cell in cells]),
+                             np.concatenate([cell[3] for cell in cells]), med[2], med[3], med[4],
+                             float(np.median([cell[1] / cell[0] for cell in cells]))))
         finally:
             rc = server.stop()
             if rc != 0:
                 print(server.log(), file=sys.stderr)
 
-    print(f"\nmodel {args.model.name}, batch {args.batch}, {args.seconds:.0f} s per cell, tegrad config: {args.config.strip()!r}")
-    header = f"{'conc':>4} {'raw inf/s':>10} {'tegrad inf/s':>12} {'ratio':>6} {'raw p50 ms':>10} {'raw p99 ms':>10} {'tegrad p50 ms':>13} {'tegrad p99 ms':>13} {'added p50 ms':>12}"
+    print(f"\nmodel {args.model.name}, batch {args.batch}, {args.rounds} alternating rounds of {args.seconds:.0f} s per cell "
+          f"(throughput, ratio and CPU: medians; latency: all rounds), tegrad config: {args.config.strip()!r}")
+    header = (f"{'conc':>4} {'raw inf/s':>10} {'tegrad inf/s':>12} {'ratio':>6} {'raw p50 ms':>10} {'raw p99 ms':>10} "
+              f"{'tegrad p50 ms':>13} {'tegrad p99 ms':>13} {'added p50 ms':>12} {'CPU ms/inf raw':>14} "
+              f"{'server':>7} {'client':>7}")
     print(header)
     print("-" * len(header))
-    for c, rt, st, rl, sl in rows:
+    for c, rt, st, rl, sl, raw_cpu, client_cpu, server_cpu, ratio in rows:
         rp50, rp99, sp50, sp99 = (np.percentile(x, q) * 1000 for x, q in ((rl, 50), (rl, 99), (sl, 50), (sl, 99)))
-        print(f"{c:>4} {rt * args.batch:>10.1f} {st * args.batch:>12.1f} {st / rt:>6.2f} {rp50:>10.3f} {rp99:>10.3f} {sp50:>13.3f} {sp99:>13.3f} {sp50 - rp50:>12.3f}")
+        print(f"{c:>4} {rt * args.batch:>10.1f} {st * args.batch:>12.1f} {ratio:>6.2f} {rp50:>10.3f} {rp99:>10.3f} "
+              f"{sp50:>13.3f} {sp99:>13.3f} {sp50 - rp50:>12.3f} {raw_cpu:>14.3f} {server_cpu:>7.3f} {client_cpu:>7.3f}")
+    print("CPU ms/inf: CPU time per inference of the raw session.run loop, of the tegrad server process, and of\n"
+          "the tritonclient threads; with both cores busy, throughput ratio <= raw / (server + client).")
+    floor = float(np.percentile(floor_lat, 50)) * 1000
+    c1 = next((r for r in rows if r[0] == 1), None)
+    print(f"gRPC round trip of a no-op RPC (ServerLive, same client, concurrency 1): p50 {floor:.3f} ms")
+    if c1 is not None:
+        added = (np.percentile(c1[4], 50) - np.percentile(c1[3], 50)) * 1000
+        print(f"concurrency 1: tegrad adds {added:.3f} ms p50, of which {added - floor:.3f} ms above the no-op RPC")
     return 0
 
 
