@@ -77,6 +77,8 @@ def _add_clients(sub) -> None:
     p.add_argument("--model-version", default="", help="version (default: the latest ready)")
     p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=FILE.npy",
                    help="input tensor from a .npy file; repeatable. Without any, random data shaped like the model's inputs is sent")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="send this JPEG/PNG to a model that takes images (repeat for a batch)")
     p.add_argument("-b", "--batch", type=int, default=1, help="batch size for random inputs (default: %(default)s)")
     p.add_argument("-k", "--top-k", type=int, default=0, help="ask for the top K classes of each output (classification extension)")
     p.add_argument("--url", default="localhost:8001", help="server address (default: %(default)s)")

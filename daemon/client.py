@@ -24,7 +24,17 @@ def _fail(exc: grpc.RpcError) -> int:
     return 1
 
 
-def _inputs(args, meta: pb.ModelMetadataResponse) -> dict[str, np.ndarray]:
+def _inputs(args, meta: pb.ModelMetadataResponse, optional: set[str]) -> dict[str, np.ndarray]:
+    if args.image:
+        names = [t.name for t in meta.inputs if t.datatype == "BYTES"]
+        if not names:
+            raise SystemExit(f"model {meta.name} takes no images (no BYTES input); its inputs are "
+                             + ", ".join(t.name for t in meta.inputs))
+        batch = np.empty(len(args.image), dtype=object)
+        for i, path in enumerate(args.image):
+            with open(path, "rb") as f:
+                batch[i] = f.read()
+        return {names[0]: batch}
     if args.input:
         arrays = {}
         for item in args.input:
@@ -36,6 +46,8 @@ def _inputs(args, meta: pb.ModelMetadataResponse) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     arrays = {}
     for t in meta.inputs:
+        if t.name in optional and t.datatype == "BYTES":
+            continue  # a model that takes images or a tensor: random data only makes sense as the tensor
         shape = [args.batch if i == 0 and d == -1 else (d if d > 0 else 1) for i, d in enumerate(t.shape)]
         dtype = DATATYPE_TO_NUMPY[t.datatype]
         if t.datatype == "BYTES":
@@ -51,8 +63,10 @@ def infer(args) -> int:
     stub = _stub(args.url)
     try:
         meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model, version=args.model_version), timeout=args.timeout)
+        config = stub.ModelConfig(pb.ModelConfigRequest(name=args.model, version=args.model_version), timeout=args.timeout).config
+        optional = {i.name for i in config.input if i.optional}
         request = pb.ModelInferRequest(model_name=args.model, model_version=args.model_version)
-        for name, arr in _inputs(args, meta).items():
+        for name, arr in _inputs(args, meta, optional).items():
             datatype = datatype_of(arr.dtype)
             request.inputs.add(name=name, datatype=datatype, shape=arr.shape)
             request.raw_input_contents.append(serialize_bytes_tensor(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes())

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from daemon.engines.base import DATATYPE_TO_NUMPY
 from daemon.errors import ConfigError
+from daemon.processing.spec import PostprocessConfig, PreprocessConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -162,6 +163,11 @@ class ModelConfig(_Strict):
     # mixed: layers (node names or fnmatch patterns) kept out of INT8, run in exclude_precision.
     exclude: list[str] = Field(default_factory=list)
     exclude_precision: Literal["fp16", "fp32"] = "fp16"
+    # Clients send images (encoded or raw frames) instead of the model's tensor; see daemon.processing.spec.
+    preprocess: PreprocessConfig | None = None
+    postprocess: PostprocessConfig | None = None
+    # Where pre/post-processing runs: "auto" = the GPU when the backend is tensorrt and CUDA is usable.
+    processing_device: Literal["auto", "cpu", "gpu"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:

@@ -54,6 +54,8 @@ class TensorSpec:
     datatype: str
     shape: tuple[int, ...]
     labels: tuple[str, ...] = field(default=(), compare=False)
+    # Requests may leave it out (a model that takes images or its preprocessed tensor).
+    optional: bool = field(default=False, compare=False)
 
     @property
     def dtype(self) -> np.dtype:

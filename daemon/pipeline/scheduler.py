@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from daemon.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from daemon.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from daemon.telemetry.stats import VersionStats
 
 
@@ -169,7 +169,7 @@ class Scheduler:
                 else:
                     outputs, timing = await loop.run_in_executor(executor, self._execute, live, slot)
             except Exception as exc:  # a backend failure fails this batch, never the worker
-                err = exc if isinstance(exc, (ResourceExhausted,)) else Internal(f"model {self._label}: inference failed: {exc}")
+                err = exc if isinstance(exc, (ResourceExhausted, InvalidArgument)) else Internal(f"model {self._label}: inference failed: {exc}")
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(err)
@@ -214,6 +214,10 @@ class Scheduler:
                 offset += p.batch_size
         t3 = time.perf_counter_ns()
         total = sum(p.batch_size for p in group)
+        split = getattr(self._engine, "stage_ns", None)
+        if split is not None:  # pre/post-processing ran inside the engine call: report it as its stages
+            pre, infer, post = split(slot)
+            return parts, Timing(0, t1 - t0 + pre, infer, t3 - t2 + post, total)
         return parts, Timing(0, t1 - t0, t2 - t1, t3 - t2, total)
 
     async def drain(self, timeout: float | None = None) -> bool:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from daemon.config import CONFIG_FILENAME, ModelConfig, load_model_config
 from daemon.engines.base import TensorSpec
 from daemon.engines.factory import EngineFactory, Prepared
 from daemon.errors import FailedPrecondition, InvalidArgument, NotFound, TegradError
+from daemon.pipeline.processed import ProcessedEngine
 from daemon.pipeline.scheduler import Scheduler, SchedulerOptions
 from daemon.repository import layout
 from daemon.repository.state import StateStore
@@ -103,7 +106,9 @@ class ModelManager:
         self._models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task] = set()
-        self._wanted: set[str] = set()  # models that should be serving (loaded, not unloaded)
+        self._wanted: set[str] = set()
+        # Image decoding for every model's requests, ahead of the slots (OpenCV releases the GIL).
+        self._decode_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="tegrad-decode")  # models that should be serving (loaded, not unloaded)
 
     # -- startup and shutdown ---------------------------------------------------------------
 
@@ -123,6 +128,7 @@ class ModelManager:
         for entry in self._models.values():
             entry.serving = {}
         await asyncio.gather(*(lv.retire(self.drain_timeout) for lv in versions), *self._retiring)
+        self._decode_pool.shutdown(wait=False)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -200,8 +206,20 @@ class ModelManager:
                     max_queue_size=config.dynamic_batching.max_queue_size,
                     inline_below_us=config.inline_below_us,
                 )
-                scheduler = Scheduler(prepared.engine, options, stats, f"{name}/{version}")
-                lv = LoadedVersion(name, version, config, prepared.engine, scheduler, stats, fingerprint, prepared)
+                engine = prepared.engine
+                if config.preprocess or config.postprocess:
+                    try:
+                        engine = ProcessedEngine(engine, config, mdir, self._decode_pool)
+                    except TegradError as exc:
+                        prepared.engine.close()
+                        failures.append(f"version {version}: {exc}")
+                        if old is not None:
+                            serving[version] = old
+                        else:
+                            self._set_state(name, version, "UNAVAILABLE", str(exc))
+                        continue
+                scheduler = Scheduler(engine, options, stats, f"{name}/{version}")
+                lv = LoadedVersion(name, version, config, engine, scheduler, stats, fingerprint, prepared)
                 lv.idle.set()
                 serving[version] = lv
                 built.append(lv)

@@ -10,6 +10,7 @@ import grpc
 
 from daemon import __version__
 from daemon.errors import InvalidArgument, NotFound, TegradError, Unavailable, Unimplemented
+from daemon.pipeline.processed import ProcessedEngine
 from daemon.protogen import grpc_service_pb2 as pb
 from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
 from daemon.repository.manager import LoadedVersion, ModelManager
@@ -156,6 +157,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         lv.stats.inflight.inc()
         try:
             inputs = tensors.decode_inputs(request, lv.inputs)
+            if isinstance(lv.engine, ProcessedEngine):
+                inputs = await lv.engine.admit(inputs)
             _batch_size(lv, inputs)
             wanted = tensors.requested_outputs(request, lv.outputs)
             deadline = _deadline_ns(request, context, lv.config.dynamic_batching.default_timeout_us)

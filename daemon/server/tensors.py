@@ -189,8 +189,8 @@ def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) ->
         if name in seen:
             raise InvalidArgument(f"input '{name}' appears more than once in the request")
         seen.add(name)
-    if len(seen) != len(by_name):
-        missing = [s.name for s in specs if s.name not in seen]
+    missing = [s.name for s in specs if s.name not in seen and not s.optional]
+    if missing:
         listed = ", ".join(f"'{m}'" for m in missing)
         raise InvalidArgument(
             f"the request lacks input {listed}; model '{request.model_name}' needs all of {_names(specs)}"

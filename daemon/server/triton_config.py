@@ -55,6 +55,7 @@ def model_config(lv) -> mc.ModelConfig:
                 data_type=_TYPE[t.datatype],
                 format=mc.ModelInput.Format.Value(f"FORMAT_{formats.get(t.name, 'NONE')}"),
                 dims=t.shape[1:] if batched else t.shape,
+                optional=t.optional,
             )
         )
     for t in lv.outputs:

@@ -11,6 +11,7 @@ import queue
 import shutil
 import struct
 
+import cv2
 import grpc
 import numpy as np
 import pytest
@@ -116,8 +117,46 @@ def _version_not_a_number():
 
 def _unknown_input():
     r = _digits()
-    r.inputs[0].name = "image"
+    r.inputs[0].name = "pixels"
     return r
+
+
+def _images(*files: bytes) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="image", datatype="BYTES", shape=[len(files)])
+    request.raw_input_contents.append(_frame(*files))
+    return request
+
+
+def _digit_png(i: int = 0) -> bytes:
+    x = np.load(DIGITS / "data" / "heldout.npz")["x"][i]
+    ok, png = cv2.imencode(".png", (x.astype(np.int32) * 255 // 16).astype(np.uint8))
+    assert ok
+    return png.tobytes()
+
+
+def _image_and_tensor():
+    r = _images(_digit_png())
+    r.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    r.raw_input_contents.append(_digit_batch(1).tobytes())
+    return r
+
+
+def _neither_image_nor_tensor():
+    return pb.ModelInferRequest(model_name="digits")
+
+
+def _corrupt_image():
+    return _images(_digit_png(0), b"\x89PNG\r\n\x1a\n not really a png", _digit_png(1))
+
+
+def _truncated_jpeg():
+    ok, jpg = cv2.imencode(".jpg", np.full((32, 32, 3), 200, np.uint8))
+    return _images(_digit_png(0), jpg.tobytes()[:-40])
+
+
+def _gif_image():
+    return _images(b"GIF89a" + b"\x00" * 32)
 
 
 def _missing_input():
@@ -258,7 +297,12 @@ BAD_REQUESTS = [
     (_unknown_model, NOT_FOUND, ["no_such_model"]),
     (_unknown_version, NOT_FOUND, ["digits", "version 7"]),
     (_version_not_a_number, NOT_FOUND, ["'latest'"]),
-    (_unknown_input, INVALID, ["'image'", "'input'"]),
+    (_unknown_input, INVALID, ["'pixels'", "'input'"]),
+    (_image_and_tensor, INVALID, ["either 'image'", "'input'", "not both"]),
+    (_neither_image_nor_tensor, INVALID, ["either 'image'", "neither was sent"]),
+    (_corrupt_image, INVALID, ["batch index 1 of 3", "cannot decode"]),
+    (_truncated_jpeg, INVALID, ["batch index 1 of 2", "truncated"]),
+    (_gif_image, INVALID, ["batch index 0 of 1", "GIF"]),
     (_missing_input, INVALID, ["lacks input 'b'"]),
     (_duplicate_input, INVALID, ["'input'", "more than once"]),
     (_wrong_datatype, INVALID, ["'input'", "FP32", "FP64"]),

@@ -71,11 +71,15 @@ def test_model_metadata_and_config(client):
     assert not client.is_model_ready("digits", "7")
     meta = client.get_model_metadata("digits")
     assert meta.versions == ["1"] and meta.platform == "onnxruntime_onnx"
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 1, 8, 8])]
+    # Images or the preprocessed tensor: both optional in ModelConfig, exactly one per request.
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("image", "BYTES", [-1]),
+                                                                          ("input", "FP32", [-1, 1, 8, 8])]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("logits", "FP32", [-1, 10])]
     cfg = client.get_model_config("digits").config
     assert cfg.name == "digits" and cfg.max_batch_size == 64 and cfg.backend == "onnxruntime"
-    assert list(cfg.input[0].dims) == [1, 8, 8] and cfg.input[0].data_type == 11  # TYPE_FP32
+    assert list(cfg.input[1].dims) == [1, 8, 8] and cfg.input[1].data_type == 11  # TYPE_FP32
+    assert list(cfg.input[0].dims) == [] and cfg.input[0].data_type == 13  # TYPE_STRING, one image per batch row
+    assert cfg.input[0].optional and cfg.input[1].optional
     assert cfg.output[0].label_filename == "labels.txt"
     assert cfg.instance_group[0].count == 2 and cfg.version_policy.latest.num_versions == 1
     assert cfg.parameters["precision"].string_value == "fp32"
@@ -285,3 +289,22 @@ def test_np_dtype_helper_agrees():
     for dt, np_type in NUMPY.items():
         if dt != "BYTES":
             assert np_to_triton_dtype(np.dtype(np_type)) == dt
+
+
+def test_digits_from_png_images_match_the_tensor_path(client):
+    import cv2
+
+    x, y = heldout()
+    raw = np.load(DIGITS / "data" / "heldout.npz")["x"][:32]
+    pngs = [cv2.imencode(".png", (d.astype(np.int32) * 255 // 16).astype(np.uint8))[1].tobytes() for d in raw]
+    images = grpcclient.InferInput("image", [len(pngs)], "BYTES")
+    images.set_data_from_numpy(np.array(pngs, dtype=object))
+    from_images = client.infer("digits", [images]).as_numpy("logits")
+    tensor = grpcclient.InferInput("input", [32, 1, 8, 8], "FP32")
+    tensor.set_data_from_numpy(x[:32])
+    from_tensor = client.infer("digits", [tensor]).as_numpy("logits")
+    # (d * 255 // 16) / 255 is within 1/255 of d / 16: the same class almost always, close logits.
+    assert (from_images.argmax(1) == from_tensor.argmax(1)).mean() >= 0.95
+    assert (from_images.argmax(1) == y[:32]).mean() >= 0.9
+    stats = client.get_inference_statistics("digits").model_stats[0]
+    assert stats.inference_stats.compute_input.count > 0

@@ -1,0 +1,158 @@
+"""A model's declared pre- and post-processing around its engine, run in the instance slots.
+
+Decoding happens before a request is queued (``admit``: one thread-pool task per image), so a
+corrupt image fails only its own request, never a batch it would have joined, and JPEG
+decoding of the next requests runs while the slots compute. Resize/normalise, inference and
+postprocessing then run in the slot's thread (or on its CUDA stream): with N slots the
+preprocessing of one batch overlaps the inference and postprocessing of others.
+
+A model with ``[preprocess]`` accepts either the images (``preprocess.input``) or its own
+input tensor, already preprocessed, in each request: both are optional inputs in its
+metadata and exactly one must be sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from daemon.config import ModelConfig
+from daemon.engines.availability import cuda_unavailable
+from daemon.engines.base import TensorSpec
+from daemon.errors import ConfigError, InvalidArgument
+from daemon.processing.cpu import CpuPostprocessor, CpuPreprocessor
+from daemon.processing.images import decode_one, frames_batch
+from daemon.processing.spec import bind_input, bind_output
+
+
+def processing_device(config: ModelConfig) -> str:
+    if config.processing_device == "cpu":
+        return "cpu"
+    why = cuda_unavailable()
+    if config.processing_device == "gpu":
+        if why:
+            raise ConfigError(f"model {config.name}: processing_device = \"gpu\" {why}")
+        return "gpu"
+    return "gpu" if config.backend == "tensorrt" and why is None else "cpu"
+
+
+def _object_array(items: list) -> np.ndarray:
+    # Element-wise: np.array() would try to stack equally sized images into one block.
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        out[i] = item
+    return out
+
+
+class ProcessedEngine:
+    """The Engine protocol (what the scheduler runs) with pre/post-processing around an engine."""
+
+    def __init__(self, engine, config: ModelConfig, model_dir: Path, pool: Executor) -> None:
+        self._engine = engine
+        self.backend, self.precision, self.engine_id = engine.backend, engine.precision, engine.engine_id
+        self._pre, self._post, self._pool = config.preprocess, config.postprocess, pool
+        try:
+            self._model_input = bind_input(self._pre, engine.inputs) if self._pre else None
+            self._model_output = bind_output(self._post, engine.outputs) if self._post else None
+            labels = self._post.load_labels(model_dir) if self._post else ()
+        except ValueError as exc:
+            raise ConfigError(f"{model_dir / 'config.toml'}: {exc}") from None
+        batch = -1 if config.max_batch > 0 else 1
+        self.inputs: list[TensorSpec] = list(engine.inputs)
+        if self._pre:
+            self.inputs = [replace(t, optional=True) if t.name == self._model_input.name else t for t in self.inputs]
+            self.inputs.insert(0, replace(self._pre.client_input(batch), optional=True))
+        self.outputs = self._post.output_specs(engine.outputs, batch) if self._post else list(engine.outputs)
+        self.device = processing_device(config)
+        slots = getattr(engine, "slots", config.instances)
+        input_hw = self._pre.to_spec().size if self._pre else None
+        try:
+            self._pres = [self._preprocessor(config) for _ in range(slots)]
+            self._posts = [self._postprocessor(config, labels, input_hw) for _ in range(slots)]
+        except ValueError as exc:
+            raise ConfigError(f"{model_dir / 'config.toml'}: {exc}") from None
+        self._stages = [(0, 0, 0)] * slots
+
+    def _preprocessor(self, config: ModelConfig):
+        if self._pre is None:
+            return None
+        if self.device == "gpu":
+            from daemon.processing.gpu import GpuPreprocessor
+
+            return GpuPreprocessor(self._pre, max(config.max_batch, 1))
+        return CpuPreprocessor(self._pre)
+
+    def _postprocessor(self, config: ModelConfig, labels: tuple[str, ...], input_hw):
+        if self._post is None:
+            return None
+        if self.device == "gpu" and self._post.kind != "raw":
+            from daemon.processing.gpu_post import GpuPostprocessor
+
+            return GpuPostprocessor(self._post, self._model_output.shape, max(config.max_batch, 1),
+                                    labels=labels, input_hw=input_hw)
+        return CpuPostprocessor(self._post, labels, input_hw)
+
+    @property
+    def slots(self) -> int:
+        return len(self._stages)
+
+    async def admit(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check which form the request took; decode its images in the pool (before queueing)."""
+        if self._pre is None:
+            return inputs
+        name, tensor = self._pre.input, self._model_input.name
+        if (name in inputs) == (tensor in inputs):
+            both = "not both" if name in inputs else "neither was sent"
+            raise InvalidArgument(f"send either {name!r} (images) or {tensor!r} (the preprocessed tensor): {both}")
+        if name not in inputs:
+            return inputs
+        batch = inputs[name]
+        if self._pre.format == "raw":
+            images = frames_batch(batch, self._pre)
+        else:
+            items = batch.reshape(-1) if batch.ndim == 2 and batch.shape[1] == 1 else batch
+            if items.ndim != 1:
+                raise InvalidArgument(f"input {name!r}: encoded images come as BYTES [N] or [N, 1], got {list(batch.shape)}")
+            loop = asyncio.get_running_loop()
+            images = await asyncio.gather(*(
+                loop.run_in_executor(self._pool, decode_one, item, i, len(items), name, self._pre.max_image_pixels)
+                for i, item in enumerate(items)
+            ))
+        return {**inputs, name: _object_array(list(images))}
+
+    def infer(self, feeds: dict[str, np.ndarray], slot: int = 0) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter_ns()
+        transforms = None
+        if self._pre is not None and self._pre.input in feeds:
+            tensor, transforms = self._pres[slot].run(list(feeds[self._pre.input]))
+            feeds = {k: v for k, v in feeds.items() if k != self._pre.input}
+            feeds[self._model_input.name] = tensor
+        t1 = time.perf_counter_ns()
+        outputs = self._engine.infer(feeds, slot)
+        t2 = time.perf_counter_ns()
+        if self._post is not None:
+            outputs = self._posts[slot].run(outputs, transforms)
+        t3 = time.perf_counter_ns()
+        pre_ns, post_ns = t1 - t0, t3 - t2
+        if self.device == "gpu":  # the kernels' own time, from CUDA events
+            if self._pres[slot] is not None and transforms is not None:
+                pre_ns = int(sum(self._pres[slot].timings().values()) * 1e6)
+            if self._posts[slot] is not None and hasattr(self._posts[slot], "timings"):
+                post_ns = int(sum(self._posts[slot].timings().values()) * 1e6)
+        self._stages[slot] = (pre_ns, t2 - t1, post_ns)
+        return outputs
+
+    def stage_ns(self, slot: int) -> tuple[int, int, int]:
+        """(preprocess, infer, postprocess) nanoseconds of the slot's last execution."""
+        return self._stages[slot]
+
+    def close(self) -> None:
+        for p in (*self._pres, *self._posts):
+            if p is not None and hasattr(p, "close"):
+                p.close()
+        self._engine.close()
