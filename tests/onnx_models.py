@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 ONNX_TYPES = {
     "BOOL": TensorProto.BOOL,
@@ -88,3 +89,45 @@ def slow(path: Path, loops: int = 64, size: int = 256) -> Path:
         initializer=inits,
     )
     return _save(graph, path)
+
+
+# A YOLOv8-layout detector whose output ignores the image: [N, 4 + 2 classes, 3 anchors], boxes
+# as (cx, cy, w, h) in its 64x64 input. Anchor 1 overlaps anchor 0 (same class, lower score: NMS
+# drops it); anchor 2 is class 1. With DETECTOR_CONFIG the expected detections are known exactly.
+DETECTOR_ANCHORS = np.array([
+    [32, 33, 10], [32, 32, 20], [20, 20, 8], [10, 10, 8],   # cx, cy, w, h
+    [0.9, 0.8, 0.2], [0.1, 0.1, 0.7],                       # class scores
+], np.float32)[None]
+
+DETECTOR_CONFIG = """max_batch = 4
+[preprocess]
+input = "image"
+size = [64, 64]
+resize = "letterbox"
+anchor = "center"
+pad_value = 114
+color = "RGB"
+scale = 0.00392156862745098
+[postprocess]
+kind = "yolo"
+variant = "yolov8"
+score_threshold = 0.5
+iou_threshold = 0.5
+max_detections = 5
+"""
+
+
+def fixed_detector(path: Path) -> Path:
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 64, 64])
+    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 6, 3])
+    nodes = [
+        helper.make_node("ReduceSum", ["images", "axes"], ["s"], keepdims=1),
+        helper.make_node("Mul", ["s", "zero"], ["z"]),
+        helper.make_node("Reshape", ["z", "shape"], ["z3"]),
+        helper.make_node("Add", ["z3", "anchors"], ["output0"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+             numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
+             numpy_helper.from_array(DETECTOR_ANCHORS, "anchors")]
+    return _save(helper.make_graph(nodes, "fixed_detector", [x], [y], inits), path)

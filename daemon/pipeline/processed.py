@@ -93,7 +93,8 @@ class ProcessedEngine:
         if self.device == "gpu" and self._post.kind != "raw":
             from daemon.processing.gpu_post import GpuPostprocessor
 
-            return GpuPostprocessor(self._post, self._model_output.shape, max(config.max_batch, 1),
+            # Per sample: preprocessing always hands the engine a batch, so dim 0 is the batch.
+            return GpuPostprocessor(self._post, self._model_output.shape[1:], max(config.max_batch, 1),
                                     labels=labels, input_hw=input_hw)
         return CpuPostprocessor(self._post, labels, input_hw)
 

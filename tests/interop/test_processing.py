@@ -9,59 +9,12 @@ import sys
 
 import cv2
 import numpy as np
-import onnx
 import pytest
 import tritonclient.grpc as grpcclient
-from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
 from tests.interop.conftest import DIGITS, ROOT
-
-# A YOLOv8-layout detector whose output ignores the image: [N, 4 + 2 classes, 3 anchors],
-# boxes as (cx, cy, w, h) in the 64x64 model input. Anchor 1 overlaps anchor 0 (same class,
-# lower score: NMS drops it); anchor 2 is class 1.
-ANCHORS = np.array([
-    [32, 33, 10], [32, 32, 20], [20, 20, 8], [10, 10, 8],   # cx, cy, w, h
-    [0.9, 0.8, 0.2], [0.1, 0.1, 0.7],                       # class scores
-], np.float32)[None]
-
-
-def _detector(path):
-    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 64, 64])
-    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 6, 3])
-    nodes = [
-        helper.make_node("ReduceSum", ["images", "axes"], ["s"], keepdims=1),
-        helper.make_node("Mul", ["s", "zero"], ["z"]),
-        helper.make_node("Reshape", ["z", "shape"], ["z3"]),
-        helper.make_node("Add", ["z3", "anchors"], ["output0"]),
-    ]
-    inits = [numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
-             numpy_helper.from_array(np.zeros((), np.float32), "zero"),
-             numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
-             numpy_helper.from_array(ANCHORS, "anchors")]
-    model = helper.make_model(helper.make_graph(nodes, "fixed_detector", [x], [y], inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True)
-    onnx.save(model, str(path))
-
-
-DETECTOR = """max_batch = 4
-[preprocess]
-input = "image"
-size = [64, 64]
-resize = "letterbox"
-anchor = "center"
-pad_value = 114
-color = "RGB"
-scale = 0.00392156862745098
-[postprocess]
-kind = "yolo"
-variant = "yolov8"
-score_threshold = 0.5
-iou_threshold = 0.5
-max_detections = 5
-"""
+from tests.onnx_models import DETECTOR_CONFIG, fixed_detector
 
 CLASSIFIER_POST = """
 [postprocess]
@@ -80,8 +33,8 @@ def server(tmp_path_factory):
     shutil.copytree(DIGITS, root / "classifier", ignore=shutil.ignore_patterns("data", "README.md"))
     config = root / "classifier" / "config.toml"
     config.write_text(config.read_text() + CLASSIFIER_POST)
-    _detector(root / "detector" / "1" / "model.onnx")
-    (root / "detector" / "config.toml").write_text(DETECTOR)
+    fixed_detector(root / "detector" / "1" / "model.onnx")
+    (root / "detector" / "config.toml").write_text(DETECTOR_CONFIG)
     server = start_server(repository=root, state_dir=tmp_path_factory.mktemp("state"))
     yield server
     assert server.stop() == 0, server.log()
