@@ -6,6 +6,12 @@ decoding of the next requests runs while the slots compute. Resize/normalise, in
 postprocessing then run in the slot's thread (or on its CUDA stream): with N slots the
 preprocessing of one batch overlaps the inference and postprocessing of others.
 
+On the GPU with an engine that exposes a device-side slot (TensorRT's ``infer_device``), images
+stay on the device: the preprocessing kernel writes the engine's input buffer, the engine and the
+postprocessing kernels read the previous stage's buffer in place, all queued on the slot's one
+stream, and the host waits once, for the final tensors. Stage boundaries are CUDA events, which
+also time the stages. Other engines (ONNX Runtime) round-trip through host tensors.
+
 A model with ``[preprocess]`` accepts either the images (``preprocess.input``) or its own
 input tensor, already preprocessed, in each request: both are optional inputs in its
 metadata and exactly one must be sent.
@@ -69,25 +75,34 @@ class ProcessedEngine:
             self.inputs.insert(0, replace(self._pre.client_input(batch), optional=True))
         self.outputs = self._post.output_specs(engine.outputs, batch) if self._post else list(engine.outputs)
         self.device = processing_device(config)
+        # Only the preprocessed tensor can be written in place, and the GPU kernels read FP32 outputs.
+        self._on_device = (self.device == "gpu" and self._pre is not None and hasattr(engine, "infer_device")
+                           and len(engine.inputs) == 1
+                           and (self._model_output is None or self._model_output.datatype == "FP32"))
         slots = getattr(engine, "slots", config.instances)
         input_hw = self._pre.to_spec().size if self._pre else None
         try:
-            self._pres = [self._preprocessor(config) for _ in range(slots)]
-            self._posts = [self._postprocessor(config, labels, input_hw) for _ in range(slots)]
+            self._pres = [self._preprocessor(config, slot) for slot in range(slots)]
+            self._posts = [self._postprocessor(config, labels, input_hw, slot) for slot in range(slots)]
         except ValueError as exc:
             raise ConfigError(f"{model_dir / 'config.toml'}: {exc}") from None
         self._stages = [(0, 0, 0)] * slots
 
-    def _preprocessor(self, config: ModelConfig):
+    def _stream(self, slot: int):
+        # The engine's own stream: stream order alone keeps each stage after the previous one
+        # and the next request's preprocessing after this one's inference, with no host waits.
+        return self._engine.stream(slot) if self._on_device else None
+
+    def _preprocessor(self, config: ModelConfig, slot: int):
         if self._pre is None:
             return None
         if self.device == "gpu":
             from daemon.processing.gpu import GpuPreprocessor
 
-            return GpuPreprocessor(self._pre, max(config.max_batch, 1))
+            return GpuPreprocessor(self._pre, max(config.max_batch, 1), stream=self._stream(slot))
         return CpuPreprocessor(self._pre)
 
-    def _postprocessor(self, config: ModelConfig, labels: tuple[str, ...], input_hw):
+    def _postprocessor(self, config: ModelConfig, labels: tuple[str, ...], input_hw, slot: int):
         if self._post is None:
             return None
         if self.device == "gpu" and self._post.kind != "raw":
@@ -95,7 +110,7 @@ class ProcessedEngine:
 
             # Per sample: preprocessing always hands the engine a batch, so dim 0 is the batch.
             return GpuPostprocessor(self._post, self._model_output.shape[1:], max(config.max_batch, 1),
-                                    labels=labels, input_hw=input_hw)
+                                    labels=labels, input_hw=input_hw, stream=self._stream(slot))
         return CpuPostprocessor(self._post, labels, input_hw)
 
     @property
@@ -127,6 +142,8 @@ class ProcessedEngine:
         return {**inputs, name: _object_array(list(images))}
 
     def infer(self, feeds: dict[str, np.ndarray], slot: int = 0) -> dict[str, np.ndarray]:
+        if self._on_device and self._pre.input in feeds:
+            return self._infer_on_device(feeds, slot)
         t0 = time.perf_counter_ns()
         transforms = None
         if self._pre is not None and self._pre.input in feeds:
@@ -147,6 +164,37 @@ class ProcessedEngine:
                 post_ns = int(sum(self._posts[slot].timings().values()) * 1e6)
         self._stages[slot] = (pre_ns, t2 - t1, post_ns)
         return outputs
+
+    def _infer_on_device(self, feeds: dict[str, np.ndarray], slot: int) -> dict[str, np.ndarray]:
+        pre, post, engine = self._pres[slot], self._posts[slot], self._engine
+        name = self._model_input.name
+        tensor, transforms = pre.enqueue(list(feeds[self._pre.input]), out_ptr=engine.input_buffer(slot, name))
+        outputs = engine.infer_device(slot, {name: tensor.shape}, wait_for=pre.done)
+        if hasattr(post, "enqueue"):
+            post.enqueue(outputs[self._model_output.name], transforms, wait_for=engine.done_event(slot))
+            result = post.result()
+            infer_ms, post_ns = engine.infer_ms(slot), int(sum(post.timings().values()) * 1e6)
+        else:
+            infer_ms = engine.infer_ms(slot)  # waits for the engine, so the clock below times the copy only
+            t0 = time.perf_counter_ns()
+            result = self._to_host(slot, outputs)
+            if post is not None:
+                result = post.run(result, transforms)
+            post_ns = time.perf_counter_ns() - t0
+        self._stages[slot] = (int(sum(pre.timings().values()) * 1e6), int(infer_ms * 1e6), post_ns)
+        return result
+
+    def _to_host(self, slot: int, outputs: dict) -> dict[str, np.ndarray]:
+        """The engine's device outputs as host arrays (postprocess 'raw' or none)."""
+        stream = self._engine.stream(slot)
+        with self._pres[slot].gpu.active() as cuda:
+            host = {k: np.empty(t.shape, t.dtype) for k, t in outputs.items()}
+            for k, t in outputs.items():
+                # On the slot's stream, not the default one, which would wait for every other slot.
+                # Pageable memory makes the copy synchronous, but these arrays are the results.
+                cuda.memcpy_dtoh_async(host[k], t.ptr, stream)
+            stream.synchronize()
+        return host
 
     def stage_ns(self, slot: int) -> tuple[int, int, int]:
         """(preprocess, infer, postprocess) nanoseconds of the slot's last execution."""

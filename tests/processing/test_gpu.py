@@ -151,9 +151,17 @@ def test_preprocess_writes_into_a_given_device_buffer_and_reuses_staging(gpu_pre
         compare(cfg, b, out_b, tb)
 
 
-def test_kernels_are_cached_on_disk(gpu_pre, kernel_cache):
-    gpu_pre(PreprocessConfig(size=8))
-    assert any(kernel_cache.iterdir())
+def test_kernels_are_cached_on_disk(tmp_path):
+    # In a fresh process: kernels are compiled once per process, so in this one an earlier test
+    # (of any module) may already have compiled them into another cache directory.
+    env = {**os.environ, "TEGRAD_KERNEL_CACHE": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = ("from daemon.processing.gpu import GpuPreprocessor\n"
+            "from daemon.processing.spec import PreprocessConfig\n"
+            "GpuPreprocessor(PreprocessConfig(size=8), 1).close()\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert any(tmp_path.iterdir())
 
 
 CLOSE_AND_REOPEN = """

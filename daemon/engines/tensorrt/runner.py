@@ -5,6 +5,12 @@ too, pushed around every block of calls because slots run on different threads. 
 allocated once per slot, sized for the optimization profile's largest shapes. On an integrated
 GPU (Jetson) outputs live in mapped pinned host memory the GPU writes directly; inputs stay in
 device memory because mapped memory is uncached for GPU reads on some Tegra chips.
+
+Besides ``infer`` (host arrays in and out) a slot has a device-side path for GPU
+pre/post-processing: a preprocessing kernel writes straight into ``input_buffer``,
+``infer_device`` only enqueues the execution, and a postprocessing kernel on the same
+``stream`` reads the outputs in place, so one request's pipeline needs no host sync before its
+results while other slots' streams keep the GPU busy.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 from daemon.engines.base import TensorSpec
 from daemon.engines.tensorrt.builder import require_cuda, require_tensorrt, trt_logger
 from daemon.errors import ConfigError, InvalidArgument, Unavailable
+from daemon.processing.device import DeviceTensor
 
 # TensorRT DataType name -> numpy dtype for tensors that cross the engine boundary.
 _IO_TYPES = {
@@ -81,13 +88,16 @@ class _Buffer:
 
 
 class _Slot:
-    __slots__ = ("lock", "context", "stream", "buffers")
+    __slots__ = ("lock", "context", "stream", "buffers", "started", "done")
 
-    def __init__(self, context, stream) -> None:
+    def __init__(self, cuda, context, stream) -> None:
         self.lock = threading.Lock()
         self.context = context
         self.stream = stream
         self.buffers: dict[str, _Buffer] = {}
+        # Around the device path's execution: ``done`` is what a postprocessing stream waits on,
+        # and the pair times the infer stage on the GPU itself.
+        self.started, self.done = cuda.Event(), cuda.Event()
 
 
 class TrtEngine:
@@ -176,7 +186,7 @@ class TrtEngine:
             context = engine.create_execution_context()
             if context is None:
                 raise RuntimeError(f"{plan_path}: TensorRT could not create an execution context (out of GPU memory?)")
-            slot = _Slot(context, cuda.Stream())
+            slot = _Slot(cuda, context, cuda.Stream())
             self._slots.append(slot)
             if not max_out:  # output sizes at the largest input shapes; _fit grows a buffer if ever needed
                 for name, shape in max_in.items():
@@ -213,10 +223,14 @@ class TrtEngine:
         if unfed:
             raise ConfigError(f"{where} engine inputs {', '.join(map(repr, unfed))} are missing from the model's inputs")
 
-    def infer(self, feeds: dict[str, np.ndarray], slot: int = 0) -> dict[str, np.ndarray]:
-        s = self._slots[slot] if slot < len(self._slots) else None
+    def _slot(self, slot: int) -> _Slot:
+        s = self._slots[slot] if 0 <= slot < len(self._slots) else None
         if s is None or self._closed:
             raise Unavailable(f"TensorRT engine {self.engine_id} is closed or has no slot {slot}")
+        return s
+
+    def infer(self, feeds: dict[str, np.ndarray], slot: int = 0) -> dict[str, np.ndarray]:
+        s = self._slot(slot)
         with s.lock:
             if self._closed:
                 raise Unavailable(f"TensorRT engine {self.engine_id} is closed")
@@ -232,9 +246,16 @@ class TrtEngine:
     def _fit(self, slot: _Slot, name: str, elements: int, dtype: np.dtype, mapped: bool) -> _Buffer:
         buf = slot.buffers[name]
         if buf.host.size < elements:  # an output larger at some shape than at the profile's maximum
+            slot.stream.synchronize()  # work queued by the device path may still use the old buffer
             buf.free()
             buf = slot.buffers[name] = _Buffer(self._cuda, elements, dtype, mapped)
         return buf
+
+    def _set_shape(self, context, name: str, shape: tuple[int, ...]) -> None:
+        if not context.set_input_shape(name, shape):
+            lo, _, hi = self._engine.get_tensor_profile_shape(name, 0)
+            raise InvalidArgument(f"input {name!r} shape {list(shape)} is outside the engine's range "
+                                  f"{list(lo)} to {list(hi)}")
 
     def _run(self, s: _Slot, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cuda, context = self._cuda, s.context
@@ -244,10 +265,7 @@ class TrtEngine:
                 raise InvalidArgument(f"input {name!r} is missing")
             if arr.dtype != dtype:
                 raise InvalidArgument(f"input {name!r} is {arr.dtype}, the engine takes {dtype}")
-            if not context.set_input_shape(name, arr.shape):
-                lo, _, hi = self._engine.get_tensor_profile_shape(name, 0)
-                raise InvalidArgument(f"input {name!r} shape {list(arr.shape)} is outside the engine's range "
-                                      f"{list(lo)} to {list(hi)}")
+            self._set_shape(context, name, arr.shape)
         for name, dtype in self._in_types.items():
             arr = feeds[name]
             buf = self._fit(s, name, arr.size, dtype, mapped=False)
@@ -272,6 +290,77 @@ class TrtEngine:
         # Copies: the pinned buffers belong to the slot and the next batch overwrites them.
         return {name: host.reshape(shape).copy() for name, shape, host in results if name in wanted}
 
+    # ------------------------------------------------------------ device-side path, one slot
+
+    def stream(self, slot: int):
+        """The slot's pycuda stream, for processors that queue their kernels around the engine's."""
+        return self._slot(slot).stream
+
+    def input_buffer(self, slot: int, name: str) -> int:
+        """Device address of the slot's buffer for input ``name``, sized for the profile's maximum.
+
+        Whatever writes it must be ordered before ``infer_device`` and after the previous
+        execution of the slot: the slot's stream does both.
+        """
+        if name not in self._in_types:
+            raise InvalidArgument(f"the engine has no input {name!r}")
+        return self._slot(slot).buffers[name].ptr
+
+    def done_event(self, slot: int):
+        """Recorded after the slot's last ``infer_device`` execution."""
+        return self._slot(slot).done
+
+    def infer_device(self, slot: int, shapes: dict[str, tuple[int, ...]], wait_for=None) -> dict[str, DeviceTensor]:
+        """Queue one execution on the slot's stream over what its input buffers hold; returns at once.
+
+        ``wait_for`` is an event (e.g. a preprocessor's ``done`` on another stream) to start after.
+        The outputs are views of the slot's buffers, valid until its next execution; they are
+        ready once ``done_event(slot)`` has been reached.
+        """
+        s = self._slot(slot)
+        with s.lock:
+            if self._closed:
+                raise Unavailable(f"TensorRT engine {self.engine_id} is closed")
+            self._ctx.push()
+            try:
+                return self._enqueue(s, shapes, wait_for)
+            finally:
+                self._cuda.Context.pop()
+
+    def _enqueue(self, s: _Slot, shapes: dict[str, tuple[int, ...]], wait_for) -> dict[str, DeviceTensor]:
+        context = s.context
+        for name in self._in_types:
+            if name not in shapes:
+                raise InvalidArgument(f"input {name!r} is missing")
+            self._set_shape(context, name, tuple(shapes[name]))
+            # Within the profile the input fits the buffer, which was sized for its maximum.
+            context.set_tensor_address(name, s.buffers[name].ptr)
+        wanted = {o.name for o in self.outputs}
+        outputs = {}
+        for name, dtype in self._out_types.items():
+            shape = tuple(context.get_tensor_shape(name))
+            buf = self._fit(s, name, math.prod(shape), dtype, mapped=self._zero_copy)
+            context.set_tensor_address(name, buf.ptr)
+            if name in wanted:
+                outputs[name] = DeviceTensor(buf.ptr, shape, dtype)
+        if wait_for is not None:
+            s.stream.wait_for_event(wait_for)
+        s.started.record(s.stream)
+        if not context.execute_async_v3(s.stream.handle):
+            raise RuntimeError(f"TensorRT could not run engine {self.engine_id}: {' | '.join(trt_logger().errors)}")
+        s.done.record(s.stream)
+        return outputs
+
+    def infer_ms(self, slot: int) -> float:
+        """GPU milliseconds of the slot's last ``infer_device`` execution (waits for it to finish)."""
+        s = self._slot(slot)
+        self._ctx.push()
+        try:
+            s.done.synchronize()
+            return float(s.started.time_till(s.done))
+        finally:
+            self._cuda.Context.pop()
+
     def close(self) -> None:
         """Free buffers, streams and execution contexts now, inside the primary context."""
         slots = list(self._slots)
@@ -284,6 +373,7 @@ class TrtEngine:
             self._ctx.push()
             try:
                 for s in slots:
+                    s.stream.synchronize()  # the device path returns before its work is done
                     for buf in s.buffers.values():
                         buf.free()
                     s.buffers.clear()
