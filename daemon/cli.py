@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_clients(sub)
     _add_selftest(sub)
+    from daemon.rollout import cli as rollout_cli
+
+    rollout_cli.register(sub)
     try:
         from calib import cli as calib_cli
     except ImportError:  # calibration tools are optional at import time
