@@ -1,4 +1,8 @@
-"""Fleet rollout: signed model bundles (``bundle``), their keys (``signing``), ``tegrad bundle`` (``cli``).
+"""Fleet rollout: signed model bundles.
+
+``manifest`` (the manifest schema), ``archive`` (safe tar reading and writing), ``bundle``
+(opening and verifying a bundle, atomic extraction), ``make`` (creating and signing),
+``signing`` (Ed25519 keys and the trust directory), ``cli`` (``tegrad bundle``).
 
 Only the exception type lives here, so that importing the package stays cheap
 and does not need ``cryptography`` until a bundle is actually signed or checked.

@@ -30,10 +30,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from daemon.rollout import bundle
+    from daemon.rollout import bundle, make
 
     overrides = {k: getattr(args, k) for k in _THRESHOLDS if getattr(args, k) is not None}
-    manifest = bundle.create(
+    manifest = make.create(
         args.model,
         args.out,
         name=args.name,
@@ -52,15 +52,15 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {manifest.model} v{manifest.version} ({manifest.precision}), "
           f"{len(manifest.members)} members, {manifest.golden.count} golden samples")
     if args.key:
-        kid = bundle.sign_bundle(args.out, args.key)
+        kid = make.sign_bundle(args.out, args.key)
         print(f"signed with key {kid}")
     return 0
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from daemon.rollout import bundle
+    from daemon.rollout import make
 
-    kid = bundle.sign_bundle(args.bundle, args.key, args.out)
+    kid = make.sign_bundle(args.bundle, args.key, args.out)
     print(f"signed {args.out or args.bundle} with key {kid}")
     return 0
 

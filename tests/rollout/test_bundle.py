@@ -18,15 +18,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from daemon.rollout import BundleError, cli, signing
-from daemon.rollout.bundle import (
-    Manifest,
-    MemberInfo,
-    create,
-    open_bundle,
-    parse_manifest,
-    read_manifest,
-    sign_bundle,
-)
+from daemon.rollout.bundle import Manifest, MemberInfo, open_bundle, parse_manifest, read_manifest
+from daemon.rollout.make import create, sign_bundle
 
 DIGITS = Path(__file__).resolve().parents[2] / "daemon" / "models" / "digits"
 CREATED = "2026-01-02T03:04:05Z"
