@@ -78,3 +78,21 @@ def test_full_queue_rejects_at_once(tmp_path):
 def test_thread_count_respects_cores(tmp_path):
     cfg = parse_model_config("instances = 4", tmp_path / "config.toml", "m")
     assert builder.threads_per_slot(cfg) * cfg.instances <= max(builder.usable_cores(), cfg.instances)
+
+
+def test_idle_slots_share_the_queue_instead_of_one_slot_taking_it_all(tmp_path):
+    engine = _engine(tmp_path, lambda p: onnx_models.scale(p, 2.0),
+                     "max_batch = 8\ninstances = 2\n[onnxruntime]\nintra_op_threads = 1")
+
+    async def run():
+        stats = VersionStats("m", "1")
+        sched = Scheduler(engine, SchedulerOptions(max_batch=8, instances=2, inline_below_us=0), stats, "m/1")
+        xs = [np.full((1, 4), i, np.float32) for i in range(4)]
+        results = await asyncio.gather(*(sched.infer({"x": x}, None) for x in xs))
+        await sched.drain(5)
+        return xs, results, stats
+
+    xs, results, stats = asyncio.run(run())
+    for x, (out, _timing) in zip(xs, results):
+        np.testing.assert_array_equal(out["y"], x * 2)
+    assert list(stats.batches) == [2] and stats.execution_count == 2, "two idle slots take two requests each"

@@ -99,12 +99,16 @@ class Scheduler:
         return await future
 
     def _take(self) -> list[_Pending]:
+        # With other slots idle, take only a fair share of what waits: merging everything into
+        # this slot would leave them idle while it runs a big batch (on a CPU, one thread each).
+        idle = max(1, self._opt.instances - self._busy)
+        share = -(-len(self._pending) // idle)
         first = self._pending.popleft()
         group = [first]
         if self._opt.max_batch > 0:
             total = first.batch_size
             # FIFO: stop at the first request that cannot join, so nobody is overtaken.
-            while self._pending and total < self._target:
+            while self._pending and total < self._target and len(group) < share:
                 nxt = self._pending[0]
                 if nxt.key != first.key or total + nxt.batch_size > self._opt.max_batch:
                     break
