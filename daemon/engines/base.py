@@ -76,8 +76,8 @@ class Engine(Protocol):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; blocking; thread-safe across distinct instance slots."""
+    def infer(self, feeds: dict[str, np.ndarray], slot: int = 0) -> dict[str, np.ndarray]:
+        """Run one batch on instance slot ``slot``; blocking; slots may run concurrently."""
         ...
 
     def close(self) -> None: ...
