@@ -76,10 +76,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
     m = vb.manifest
     who = f"signed by trusted key {vb.signer} ({vb.signer_key})" if vb.verified else "UNVERIFIED (no valid signature)"
     print(f"OK {args.bundle}: {m.model} v{m.version} ({m.precision}), {len(m.members)} members match, {who}")
+    if args.validate:
+        return _validate(vb, args)
     if args.extract_to:
         dest = vb.extract_to(args.extract_to)
         print(f"extracted to {dest}")
     return 0
+
+
+def _validate(vb: Any, args: argparse.Namespace) -> int:
+    """Build the bundle's engine as a device would (lowering, build worker) and check its golden samples."""
+    import asyncio
+    import tempfile
+
+    from daemon.engines.cache import EngineCache
+    from daemon.engines.factory import EngineFactory
+    from daemon.engines.worker import BuildPool
+    from daemon.errors import TegradError
+    from daemon.rollout.stage import stage
+
+    with tempfile.TemporaryDirectory(prefix="tegrad-validate-") as tmp:
+        model_dir = Path(args.extract_to) if args.extract_to else Path(tmp) / "model"
+        cache = EngineCache(Path(args.engine_cache) if args.engine_cache else Path(tmp) / "engines", 1 << 40)
+        try:
+            staged = asyncio.run(stage(vb, model_dir, EngineFactory(cache, BuildPool())))
+        except TegradError as exc:
+            print(f"FAILED to build the engine: {exc}")
+            return 1
+        staged.prepared.engine.close()
+    p, r = staged.prepared, staged.report
+    layers = "/".join(str(p.layers.get(k, 0)) for k in ("int8", "fp16", "fp32"))
+    print(f"engine {p.key[:16]} ({p.engine.backend}, {vb.manifest.precision}, layers int8/fp16/fp32 {layers})")
+    print(r.summary())
+    return 0 if r.passed else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -199,6 +228,10 @@ def register(subparsers: Any) -> None:
     v.add_argument("--allow-unsigned", action="store_true",
                    help="DEVELOPMENT ONLY: accept a missing or invalid signature (logged as a warning)")
     v.add_argument("--extract-to", metavar="DIR", help="after checking, extract into this new directory")
+    v.add_argument("--validate", action="store_true",
+                   help="also build the engine here (lowering with the shipped cache, build worker) and check the "
+                        "golden samples against the manifest's thresholds; exit 1 when they fail")
+    v.add_argument("--engine-cache", metavar="DIR", help="with --validate: engine cache to use (default: a temporary one)")
     v.add_argument("--max-bytes", type=_positive_int, default=None,
                    help="refuse bundles larger than this (default: 4 GiB)")
     v.set_defaults(func=_wrap(cmd_verify, "verify"))
