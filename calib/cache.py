@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .files import fsync_dir
+
 FORMAT = "tegrad-calib"
 FORMAT_VERSION = 1
 DEFAULT_TRT_VERSION = "100300"
@@ -386,13 +388,4 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         except OSError:
             pass
         raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)

@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .files import fsync_dir
+
 #: Ops whose weights we quantize and whose precision ``count_precisions`` reports.
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -186,16 +188,7 @@ def save_atomic(model: onnx.ModelProto, dst: str | os.PathLike) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    try:
-        dir_fd = os.open(dst.parent, os.O_RDONLY)
-    except OSError:
-        return dst
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    fsync_dir(dst.parent)
     return dst
 
 

@@ -197,14 +197,15 @@ class ModelConfig(_Strict):
         return self
 
 
-def _format_errors(path: Path, exc: ValidationError) -> str:
+def format_errors(where: str | Path, exc: ValidationError) -> str:
+    """pydantic's errors as '<where>: <key path>: <problem>' sentences (also used for bundle manifests)."""
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{path}: {key}: {msg}")
+        lines.append(f"{where}: {key}: {msg}")
     return "; ".join(lines)
 
 
@@ -216,7 +217,7 @@ def parse_model_config(text: str, path: Path, model_name: str) -> ModelConfig:
     try:
         config = ModelConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(path, exc)) from None
+        raise ConfigError(format_errors(path, exc)) from None
     if config.name is not None and config.name != model_name:
         raise ConfigError(f"{path}: name: {config.name!r} does not match the directory name {model_name!r}")
     return config.model_copy(update={"name": model_name})

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from calib.cache import sha256_file
+from calib.cache import atomic_write_text, sha256_file
+from calib.files import fsync_dir
 from daemon.telemetry import metrics
 
 log = logging.getLogger("tegrad.engines.cache")
@@ -73,20 +74,7 @@ def engine_key(lowered_sha256: str, fingerprint: dict[str, str]) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -181,7 +169,7 @@ class EngineCache:
             if final.exists():
                 shutil.rmtree(final, ignore_errors=True)
             os.rename(incoming, final)
-            _fsync_dir(self.entries)
+            fsync_dir(self.entries)
         metrics.ENGINE_CACHE_BYTES.set(self.size())
         return Entry(key, final / name, meta)
 

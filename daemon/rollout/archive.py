@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from calib.files import fsync_dir
 from daemon.rollout import BundleError
 from daemon.rollout.manifest import MANIFEST, RESERVED, Manifest, MemberInfo, check_member_name
 
@@ -261,19 +262,6 @@ def write_new_file(path: Path, src: Any) -> None:
             f.write(block)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def member_info(data: bytes) -> MemberInfo:

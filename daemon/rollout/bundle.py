@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from calib.files import fsync_dir
 from daemon.config import ModelConfig, parse_model_config
 from daemon.errors import ConfigError
 from daemon.rollout import BundleError, signing
@@ -44,7 +45,6 @@ from daemon.rollout.archive import (
     MAX_MANIFEST_BYTES,
     MAX_SIGNATURE_BYTES,
     check_member_set,
-    fsync_dir,
     iter_checked,
     open_tar,
     read_small,

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from daemon import __version__
-from daemon.config import ModelConfig
+from daemon.config import ModelConfig, format_errors
 from daemon.rollout import BundleError, signing
 from daemon.rollout.archive import (
     DEFAULT_MAX_BYTES,
@@ -63,7 +63,6 @@ from daemon.rollout.manifest import (
     MemberInfo,
     Validation,
     check_member_name,
-    format_errors,
     validation_for,
     version_tuple,
 )

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from daemon import __version__
+from daemon.config import format_errors
 from daemon.rollout import BundleError
 
 FORMAT = "tegrad-bundle"
@@ -135,17 +136,6 @@ class Manifest(_Strict):
 
     def to_bytes(self) -> bytes:
         return (json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def format_errors(where: str, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{where}: {key}: {msg}")
-    return "; ".join(lines)
 
 
 def parse_manifest(data: bytes) -> Manifest:
