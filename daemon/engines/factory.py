@@ -101,11 +101,12 @@ class EngineFactory:
         self.pool = pool
 
     async def prepare(self, config: ModelConfig, model_dir: Path, version: int, model_file: Path,
-                      report: Callable[[str], None] = lambda s: None) -> Prepared:
+                      report: Callable[[str], None] = lambda s: None, source_sha: str | None = None) -> Prepared:
+        """``source_sha``: the model file's sha256 when the caller has already read it."""
         name = config.name
         calib = calibration_path(config, model_dir)
         backend = await asyncio.to_thread(_backend, config)
-        source_sha = await asyncio.to_thread(sha256_file, model_file)
+        source_sha = source_sha or await asyncio.to_thread(sha256_file, model_file)
         calib_sha = await asyncio.to_thread(sha256_file, calib) if calib else None
         recipe = recipe_key(source_sha, calib_sha, config.precision, config.exclude, config.exclude_precision, backend.target)
         lowered = self.cache.lowered_sha(recipe)

@@ -16,10 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from calib.cache import sha256_file
 from daemon.config import CONFIG_FILENAME, ModelConfig, load_model_config
 from daemon.engines.base import TensorSpec
-from daemon.engines.factory import EngineFactory, Prepared
-from daemon.errors import FailedPrecondition, InvalidArgument, NotFound, TegradError
+from daemon.engines.factory import EngineFactory, Prepared, calibration_path
+from daemon.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, TegradError
 from daemon.pipeline.processed import ProcessedEngine
 from daemon.pipeline.scheduler import Scheduler, SchedulerOptions
 from daemon.repository import layout
@@ -83,14 +84,23 @@ class ModelEntry:
     states: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
-def _fingerprint(model_dir: Path, model_file: Path) -> str:
+def _fingerprint(model_dir: Path, model_file: Path, config: ModelConfig) -> tuple[str, str]:
+    """(what a reload compares: config, model and calibration cache; the model's own sha256).
+
+    The model's hash is returned too, so that the engine factory does not read the file again.
+    """
     digest = hashlib.sha256()
     config_path = model_dir / CONFIG_FILENAME
     digest.update(config_path.read_bytes() if config_path.exists() else b"")
-    with open(model_file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    model_sha = sha256_file(model_file)
+    digest.update(model_sha.encode())
+    try:
+        calib = calibration_path(config, model_dir)
+    except ConfigError:  # a missing cache is reported by the build, with the version's state
+        calib = None
+    if calib is not None:
+        digest.update(sha256_file(calib).encode())
+    return digest.hexdigest(), model_sha
 
 
 class ModelManager:
@@ -179,7 +189,7 @@ class ModelManager:
             failures: list[str] = []
             for version in wanted:
                 model_file = mdir / str(version) / config.default_model_filename
-                fingerprint = await asyncio.to_thread(_fingerprint, mdir, model_file)
+                fingerprint, model_sha = await asyncio.to_thread(_fingerprint, mdir, model_file, config)
                 old = entry.serving.get(version)
                 if old is not None and old.fingerprint == fingerprint:
                     serving[version] = old
@@ -188,7 +198,7 @@ class ModelManager:
                     self._set_state(name, version, "LOADING")
                 try:
                     prepared = await self.factory.prepare(config, mdir, version, model_file,
-                                                          self._report(name, version, old is not None))
+                                                          self._report(name, version, old is not None), model_sha)
                 except TegradError as exc:
                     failures.append(f"version {version}: {exc}")
                     if old is not None:

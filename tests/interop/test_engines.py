@@ -157,3 +157,22 @@ def test_build_worker_killed_leaves_the_serving_version_untouched(server_factory
         with pytest.raises(InferenceServerException):
             c.infer("digits", [], model_version="2")
     assert _metric(server, "tegrad_engine_builds_total", result="killed") == 1
+
+
+def test_reload_picks_up_a_new_calibration_cache(server_factory, tmp_path):
+    import json
+
+    root = _repo(tmp_path / "repo", ("digits", INT8))
+    server = server_factory(repository=root, args=("--model-control", "explicit", "--load-model", "digits"))
+    with grpcclient.InferenceServerClient(server.url) as c:
+        params = c.get_model_config("digits").config.parameters
+        before = (params["engine_id"].string_value, params["calibration_cache_id"].string_value)
+        cache = root / "digits" / "calib.json"
+        data = json.loads(cache.read_text())
+        data["amax"] = {k: v * 1.05 for k, v in data["amax"].items()}  # recalibrated: same model, other ranges
+        cache.write_text(json.dumps(data))
+        c.load_model("digits")
+        params = c.get_model_config("digits").config.parameters
+        after = (params["engine_id"].string_value, params["calibration_cache_id"].string_value)
+        assert after[0] != before[0] and after[1] != before[1], (before, after)
+        assert _accuracy(c, "digits") > 0.97
