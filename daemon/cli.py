@@ -45,6 +45,24 @@ def _add_serve(sub) -> None:
     p.add_argument("--build-jobs", type=int, default=1,
                    help="engine builds that may run at once, each in its own worker process (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    r = p.add_argument_group("rollouts (admin API, signed bundles)")
+    r.add_argument("--admin-socket", default=None, metavar="PATH",
+                   help="Unix socket of the admin API, owner-only (default: <state-dir>/admin.sock; '' turns it off)")
+    r.add_argument("--admin-listen", default="", metavar="HOST:PORT",
+                   help="also serve the admin API on TCP, only with TLS and client certificates (the three below)")
+    r.add_argument("--admin-tls-cert", type=Path, help="server certificate (PEM) for --admin-listen")
+    r.add_argument("--admin-tls-key", type=Path, help="its private key (PEM)")
+    r.add_argument("--admin-client-ca", type=Path, help="CA certificate(s) (PEM) that client certificates must chain to")
+    r.add_argument("--trust-dir", type=Path, default=None,
+                   help="public keys (*.pub) whose bundle signatures are trusted (default: <state-dir>/trusted-keys)")
+    r.add_argument("--allow-unsigned", action="store_true",
+                   help="DEVELOPMENT ONLY: install bundles without a valid signature (logged loudly)")
+    r.add_argument("--keep-versions", type=int, default=3,
+                   help="versions kept per model (files and engines) for rollback; older ones are deleted (default: %(default)s)")
+    r.add_argument("--auto-activate", action="store_true", help="activate every bundle whose validation passes")
+    r.add_argument("--dropbox", type=Path, default=None, metavar="DIR",
+                   help="stage *.tegrad bundles that appear in DIR (results in DIR/results/)")
+    r.add_argument("--max-bundle-mb", type=float, default=4096, help="largest bundle accepted (default: %(default)s)")
     p.set_defaults(func=_serve)
 
 
@@ -67,6 +85,17 @@ def _serve(args) -> int:
         engine_cache_dir=args.engine_cache_dir,
         engine_cache_max_bytes=args.engine_cache_max_mb << 20,
         build_jobs=args.build_jobs,
+        admin_socket=args.admin_socket,
+        admin_listen=args.admin_listen,
+        admin_tls_cert=args.admin_tls_cert,
+        admin_tls_key=args.admin_tls_key,
+        admin_client_ca=args.admin_client_ca,
+        trust_dir=args.trust_dir,
+        allow_unsigned=args.allow_unsigned,
+        keep_versions=max(1, args.keep_versions),
+        auto_activate=args.auto_activate,
+        dropbox=args.dropbox,
+        max_bundle_bytes=int(args.max_bundle_mb * (1 << 20)),
     )
     return asyncio.run(serve(opts))
 
@@ -135,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     from daemon.rollout import cli as rollout_cli
 
     rollout_cli.register(sub)
+    from daemon.rollout import admin_cli
+
+    admin_cli.register(sub)
     try:
         from calib import cli as calib_cli
     except ImportError:  # calibration tools are optional at import time

@@ -223,8 +223,9 @@ def parse_model_config(text: str, path: Path, model_name: str) -> ModelConfig:
     return config.model_copy(update={"name": model_name})
 
 
-def load_model_config(model_dir: Path) -> ModelConfig:
-    """Read ``<model_dir>/config.toml``; a missing file means all defaults."""
-    path = model_dir / CONFIG_FILENAME
+def load_model_config(config_dir: Path, name: str | None = None) -> ModelConfig:
+    """Read ``<config_dir>/config.toml`` of model ``name`` (default: the directory's name);
+    a missing file means all defaults."""
+    path = config_dir / CONFIG_FILENAME
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    return parse_model_config(text, path, model_dir.name)
+    return parse_model_config(text, path, name or config_dir.name)

@@ -24,6 +24,10 @@ class FailedPrecondition(TegradError):
     """The model exists but is not ready (FAILED_PRECONDITION)."""
 
 
+class AlreadyExists(TegradError):
+    """Something with that name is already there, e.g. a model version a bundle would install (ALREADY_EXISTS)."""
+
+
 class ResourceExhausted(TegradError):
     """Queue full or message too large (RESOURCE_EXHAUSTED)."""
 

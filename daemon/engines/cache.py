@@ -173,6 +173,15 @@ class EngineCache:
         metrics.ENGINE_CACHE_BYTES.set(self.size())
         return Entry(key, final / name, meta)
 
+    def remove(self, key: str) -> None:
+        """Delete the entry ``key`` (a version that no longer exists needs its engine no more)."""
+        folder = self.entries / key
+        if folder.is_dir():
+            with self._lock:
+                shutil.rmtree(folder, ignore_errors=True)
+            log.info("engine cache: removed %s (no version uses it)", key[:16])
+            metrics.ENGINE_CACHE_BYTES.set(self.size())
+
     def size(self) -> int:
         total = 0
         for path in self.entries.rglob("*"):

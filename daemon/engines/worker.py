@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import resource
 import signal
 import threading
@@ -111,7 +112,22 @@ def _build(job: BuildJob, lowered: Path, send) -> tuple[Path, dict[str, Any]]:
     return artifact, ort_builder.build_artifact(lowered, artifact, job.options)
 
 
-def _worker_main(job: BuildJob, conn) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this worker when the daemon dies (Linux), so that a daemon killed
+    mid-build (OOM killer, kill -9) leaves no orphan build competing with its restart for memory."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the build finishes and finds a closed pipe
+        return
+    if os.getppid() != parent:  # the daemon died before prctl took effect
+        os._exit(1)
+
+
+def _worker_main(job: BuildJob, conn, parent: int) -> None:
+    _die_with_parent(parent)
     lock = threading.Lock()
 
     def send(*message) -> None:
@@ -170,7 +186,7 @@ class BuildPool:
     async def _run(self, job: BuildJob, timeout: float, progress: Callable[[str], None], what: str) -> BuildResult:
         ctx = multiprocessing.get_context("spawn")
         reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker_main, args=(job, writer), name=f"tegrad-build:{job.model}:{job.version}", daemon=True)
+        proc = ctx.Process(target=_worker_main, args=(job, writer, os.getpid()), name=f"tegrad-build:{job.model}:{job.version}", daemon=True)
         start = time.monotonic()
         proc.start()
         writer.close()

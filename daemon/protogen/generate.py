@@ -1,9 +1,12 @@
 """Regenerate the committed protobuf/gRPC modules from protos/.
 
 Run as ``python -m daemon.protogen.generate`` (``make protos``). protoc emits
-top-level imports (``import model_config_pb2``) that only work when the output
-folder is on sys.path; they are rewritten to package imports so the modules live
-inside ``daemon.protogen`` without touching sys.path. ``--check`` regenerates into
+imports relative to its include path (``import model_config_pb2``,
+``from tegrad.v1 import admin_pb2``) that only work when the output folder is on
+sys.path; the modules are flattened into ``daemon.protogen`` and those imports
+rewritten to package imports. ``tegrad/v1/admin.proto`` keeps its full path as
+its name in the protobuf descriptor pool, so it cannot clash with another
+``admin.proto``. ``--check`` regenerates into
 a temporary folder and reports files that differ (used by the tests).
 """
 
@@ -16,17 +19,20 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTO_DIRS = [ROOT / "protos" / "inference"]
+# (include directory, proto files relative to it)
+PROTOS = [
+    (ROOT / "protos" / "inference", ["grpc_service.proto", "model_config.proto"]),
+    (ROOT / "protos", ["tegrad/v1/admin.proto"]),
+]
 OUT = Path(__file__).resolve().parent
-_IMPORT = re.compile(r"^import (\w+_pb2) as (\w+)$", re.MULTILINE)
+_IMPORT = re.compile(r"^(?:import|from [\w.]+ import) (\w+_pb2) as (\w+)$", re.MULTILINE)
 
 
 def _generate(dest: Path) -> list[Path]:
     from grpc_tools import protoc  # test extra: only needed to regenerate
 
     written: list[Path] = []
-    for proto_dir in PROTO_DIRS:
-        protos = sorted(proto_dir.glob("*.proto"))
+    for proto_dir, protos in PROTOS:
         include = Path(protoc.__file__).parent / "_proto"
         args = [
             "protoc",
@@ -35,10 +41,14 @@ def _generate(dest: Path) -> list[Path]:
             f"--python_out={dest}",
             f"--pyi_out={dest}",
             f"--grpc_python_out={dest}",
-            *[str(p) for p in protos],
+            *[str(proto_dir / p) for p in protos],
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {proto_dir}")
+    for nested in sorted(dest.glob("*/**/*_pb2*.py*")):
+        nested.rename(dest / nested.name)
+    for folder in sorted((p for p in dest.glob("*/**") if p.is_dir()), reverse=True):
+        folder.rmdir()
     for path in sorted(dest.glob("*_pb2*.py*")):
         text = path.read_text()
         text = _IMPORT.sub(r"from daemon.protogen import \1 as \2", text)

@@ -24,7 +24,7 @@ from daemon.errors import ConfigError, FailedPrecondition, InvalidArgument, NotF
 from daemon.pipeline.processed import ProcessedEngine
 from daemon.pipeline.scheduler import Scheduler, SchedulerOptions
 from daemon.repository import layout
-from daemon.repository.state import StateStore
+from daemon.repository.state import ACTIVATING, ACTIVE, FAILED, INACTIVE, STAGED, StateStore
 from daemon.telemetry import metrics
 from daemon.telemetry.stats import VersionStats
 
@@ -79,23 +79,22 @@ class LoadedVersion:
 @dataclass
 class ModelEntry:
     name: str
-    config: ModelConfig | None = None
     serving: dict[int, LoadedVersion] = field(default_factory=dict)
     states: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
-def _fingerprint(model_dir: Path, model_file: Path, config: ModelConfig) -> tuple[str, str]:
+def _fingerprint(config_dir: Path, model_file: Path, config: ModelConfig) -> tuple[str, str]:
     """(what a reload compares: config, model and calibration cache; the model's own sha256).
 
     The model's hash is returned too, so that the engine factory does not read the file again.
     """
     digest = hashlib.sha256()
-    config_path = model_dir / CONFIG_FILENAME
+    config_path = config_dir / CONFIG_FILENAME
     digest.update(config_path.read_bytes() if config_path.exists() else b"")
     model_sha = sha256_file(model_file)
     digest.update(model_sha.encode())
     try:
-        calib = calibration_path(config, model_dir)
+        calib = calibration_path(config, config_dir)
     except ConfigError:  # a missing cache is reported by the build, with the version's state
         calib = None
     if calib is not None:
@@ -116,9 +115,10 @@ class ModelManager:
         self._models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task] = set()
-        self._wanted: set[str] = set()
+        self._wanted: set[str] = set()  # models that should be serving (loaded, not unloaded)
+        self._activations: dict[str, asyncio.Lock] = {}
         # Image decoding for every model's requests, ahead of the slots (OpenCV releases the GIL).
-        self._decode_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="tegrad-decode")  # models that should be serving (loaded, not unloaded)
+        self._decode_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="tegrad-decode")
 
     # -- startup and shutdown ---------------------------------------------------------------
 
@@ -128,6 +128,10 @@ class ModelManager:
         else:
             names = sorted(set(load) | set(self.store.loaded_models()))
         for name in names:
+            if not self.store.rollout_model(name)[0] and self.store.rollout_versions(name) \
+                    and not (self.root / name / CONFIG_FILENAME).exists():
+                log.info("model %s: only staged versions, none activated yet; not serving it", name)
+                continue
             try:
                 await self.load(name)
             except TegradError as exc:
@@ -170,26 +174,52 @@ class ModelManager:
 
         return report
 
-    async def load(self, name: str) -> None:
-        """Load or reload ``name``: new versions come up beside the old, then switch atomically."""
+    def _select(self, name: str, mdir: Path, config: ModelConfig) -> list[int]:
+        """Versions to serve: the rollout's active one, else the version policy's choice among the
+        versions on disk that no rollout holds back (staged, failed or retired ones)."""
+        active, _ = self.store.rollout_model(name)
+        if active:
+            return [active]
+        held = {v.version for v in self.store.rollout_versions(name) if v.state != ACTIVE}
+        available = [v for v in layout.versions_on_disk(mdir, config.default_model_filename) if v not in held]
+        return config.version_policy.select(available)
+
+    async def load(self, name: str, *, pin: int | None = None) -> None:
+        """Load or reload ``name``: new versions come up beside the old, then switch atomically.
+
+        ``pin``: serve exactly this version (an activation), whatever the policy says.
+        """
         async with self._lock(name):
             mdir = layout.model_dir(self.root, name)
             self._wanted.add(name)
-            config = await asyncio.to_thread(load_model_config, mdir)
-            available = await asyncio.to_thread(layout.versions_on_disk, mdir, config.default_model_filename)
-            wanted = config.version_policy.select(available)
+            model_config = await asyncio.to_thread(load_model_config, mdir)
+            wanted = [pin] if pin else self._select(name, mdir, model_config)
             if not wanted:
+                available = await asyncio.to_thread(layout.versions_on_disk, mdir, model_config.default_model_filename)
                 raise InvalidArgument(
-                    f"model {name}: no version directory under {mdir} holds {config.default_model_filename} "
-                    f"and matches the version policy (found versions {available or 'none'})"
+                    f"model {name}: no version directory under {mdir} holds {model_config.default_model_filename} "
+                    f"and matches the version policy (found versions {available or 'none'}"
+                    f"{'; staged versions wait for activation' if self.store.rollout_versions(name) else ''})"
                 )
             entry = self._models.setdefault(name, ModelEntry(name))
             serving: dict[int, LoadedVersion] = {}
             built: list[LoadedVersion] = []
             failures: list[str] = []
             for version in wanted:
-                model_file = mdir / str(version) / config.default_model_filename
-                fingerprint, model_sha = await asyncio.to_thread(_fingerprint, mdir, model_file, config)
+                cdir = layout.config_dir(mdir, version)
+                try:
+                    config = model_config if cdir == mdir else await asyncio.to_thread(load_model_config, cdir, name)
+                    model_file = mdir / str(version) / config.default_model_filename
+                    if not model_file.is_file():
+                        raise NotFound(f"model {name} has no version {version} ({model_file} does not exist)")
+                    fingerprint, model_sha = await asyncio.to_thread(_fingerprint, cdir, model_file, config)
+                except TegradError as exc:
+                    failures.append(f"version {version}: {exc}")
+                    if version in entry.serving:
+                        serving[version] = entry.serving[version]
+                    else:
+                        self._set_state(name, version, "UNAVAILABLE", str(exc))
+                    continue
                 old = entry.serving.get(version)
                 if old is not None and old.fingerprint == fingerprint:
                     serving[version] = old
@@ -197,7 +227,7 @@ class ModelManager:
                 if old is None:
                     self._set_state(name, version, "LOADING")
                 try:
-                    prepared = await self.factory.prepare(config, mdir, version, model_file,
+                    prepared = await self.factory.prepare(config, cdir, version, model_file,
                                                           self._report(name, version, old is not None), model_sha)
                 except TegradError as exc:
                     failures.append(f"version {version}: {exc}")
@@ -219,7 +249,7 @@ class ModelManager:
                 engine = prepared.engine
                 if config.preprocess or config.postprocess:
                     try:
-                        engine = ProcessedEngine(engine, config, mdir, self._decode_pool)
+                        engine = ProcessedEngine(engine, config, cdir, self._decode_pool)
                     except TegradError as exc:
                         prepared.engine.close()
                         failures.append(f"version {version}: {exc}")
@@ -240,7 +270,6 @@ class ModelManager:
                     serving.setdefault(lv.version, lv)
                 retired = [lv for lv in retired if serving[lv.version] is not lv]
             entry.serving = serving  # the atomic switch
-            entry.config = config
             for lv in built:
                 self._set_state(name, lv.version, "READY", "", lv.engine.engine_id)
                 metrics.set_model_info(name, str(lv.version), lv.engine.backend, lv.engine.precision, lv.engine.engine_id,
@@ -250,7 +279,9 @@ class ModelManager:
             if serving:
                 self.store.set_loaded(name, True)
             if built:
+                # Versions kept for rollback keep their engines: a rollback must not rebuild.
                 keep = {lv.prepared.key for lv in self.loaded()}
+                keep |= {v.engine_key for v in self.store.rollout_versions() if v.engine_key and v.state != FAILED}
                 await asyncio.to_thread(self.factory.cache.evict, keep)
             if failures:
                 raise InvalidArgument(f"model {name} failed to load: " + "; ".join(failures))
@@ -284,6 +315,71 @@ class ModelManager:
             entry.serving = {}
             self.store.set_loaded(name, False)
             await asyncio.gather(*(self._start_retire(lv, gone=True) for lv in retired))
+
+    # -- activation (rollouts) --------------------------------------------------------------------
+
+    async def activate(self, name: str, version: int, *, loaded: Callable[[], None] = lambda: None) -> LoadedVersion:
+        """Serve ``version`` of ``name`` for requests that name no version; the old version drains.
+
+        Two-phase: the version is recorded ACTIVATING, loaded beside the current one (from its cached
+        engine), switched to, and only then committed ACTIVE together with the model's
+        active/previous pointers. A crash before the commit leaves the previous active version in
+        charge after a restart (:meth:`StateStore.recover`). ``loaded`` runs between the switch and
+        the commit (a test hook point).
+        """
+        lock = self._activations.setdefault(name, asyncio.Lock())
+        async with lock:
+            mdir = layout.model_dir(self.root, name)
+            record = self.store.rollout_version(name, version)
+            if record is None:
+                if not (mdir / str(version)).is_dir():
+                    raise NotFound(f"model {name} has no version {version}")
+            elif record.state not in (STAGED, INACTIVE, ACTIVE):
+                why = f" ({record.reason})" if record.reason else ""
+                raise FailedPrecondition(f"model {name} version {version} is {record.state}{why}; "
+                                         "only staged (validated) or earlier active versions can be activated")
+            active, previous = self.store.rollout_model(name)
+            entry = self._models.get(name)
+            if not active and entry is not None and entry.serving:
+                # The first activation through a rollout: what the version policy serves now is
+                # recorded as active, so that Rollback can return to it.
+                active = max(entry.serving)
+                if self.store.rollout_version(name, active) is None:
+                    self._record(entry.serving[active], ACTIVE)
+                self.store.commit_activation(name, active, previous)
+            if active == version and entry is not None and version in entry.serving:
+                return entry.serving[version]
+            prior = record.state if record else INACTIVE
+            self.store.set_rollout_state(name, version, ACTIVATING)
+            try:
+                await self.load(name, pin=version)
+            except BaseException as exc:
+                self.store.set_rollout_state(name, version, prior, f"activation failed: {exc}")
+                raise
+            lv = self._models[name].serving[version]
+            self._record(lv, ACTIVATING)
+            loaded()
+            self.store.commit_activation(name, version, active if active != version else previous)
+            metrics.set_active_version(name, version)
+            return lv
+
+    async def rollback(self, name: str, **kwargs) -> LoadedVersion:
+        """Activate the version that was active before the current one."""
+        layout.model_dir(self.root, name)
+        active, previous = self.store.rollout_model(name)
+        if not previous:
+            raise FailedPrecondition(f"model {name} has no previous active version to roll back to"
+                                     f"{f' (version {active} is the only one activated)' if active else ''}")
+        return await self.activate(name, previous, **kwargs)
+
+    def _record(self, lv: LoadedVersion, state: str) -> None:
+        """Keep what the engine of a loaded version is (for ListModels and engine-cache retention)."""
+        self.store.set_rollout_state(lv.name, lv.version, state, precision=lv.engine.precision,
+                                     engine_key=lv.prepared.key, calibration_cache_id=lv.prepared.calibration_cache_id)
+
+    def serving_state(self, name: str, version: int) -> tuple[str, str]:
+        entry = self._models.get(name)
+        return entry.states.get(version, ("", "")) if entry else ("", "")
 
     # -- lookups ----------------------------------------------------------------------------------
 

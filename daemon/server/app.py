@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,17 @@ from daemon import __version__
 from daemon.engines.cache import EngineCache
 from daemon.engines.factory import EngineFactory
 from daemon.engines.worker import BuildPool
+from daemon.protogen import admin_pb2_grpc
 from daemon.protogen import grpc_service_pb2 as pb
 from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
 from daemon.repository.manager import ModelManager
 from daemon.repository.state import StateStore
+from daemon.rollout.controller import RolloutOptions, Rollouts
+from daemon.rollout.dropbox import DropBox
+from daemon.rollout.operations import OperationBoard
+from daemon.rollout.uploads import Uploads
+from daemon.server import tls
+from daemon.server.admin_service import AdminService
 from daemon.server.inference_service import InferenceService
 from daemon.server.lifecycle import Lifecycle, sd_notify, watchdog_interval
 
@@ -46,6 +54,19 @@ class ServeOptions:
     engine_cache_dir: Path | None = None  # default: <state_dir>/engines
     engine_cache_max_bytes: int = 8 << 30
     build_jobs: int = 1
+    # Admin API (tegrad.v1.Admin): a Unix socket (default <state_dir>/admin.sock; "" turns it off)
+    # and optionally TCP, only with TLS client certificates.
+    admin_socket: str | None = None
+    admin_listen: str = ""
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    admin_client_ca: Path | None = None
+    trust_dir: Path | None = None  # default: <state_dir>/trusted-keys
+    allow_unsigned: bool = False
+    keep_versions: int = 3
+    auto_activate: bool = False
+    dropbox: Path | None = None
+    max_bundle_bytes: int = 4 << 30
 
 
 class Health(HealthServicer):
@@ -77,6 +98,39 @@ class Health(HealthServicer):
             await asyncio.sleep(0.5)
 
 
+def _admin_server(opts: ServeOptions, rollouts: Rollouts) -> tuple[grpc.aio.Server, list[str]] | None:
+    """The admin API on its own listener(s), never on the inference port."""
+    socket = opts.admin_socket if opts.admin_socket is not None else str(opts.state_dir / "admin.sock")
+    if not socket and not opts.admin_listen:
+        return None
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(rollouts), server)
+    where = []
+    if socket:
+        path = Path(socket).absolute()
+        if len(str(path)) > 107:
+            raise ValueError(f"admin socket path {path} is longer than the 107 bytes a Unix socket allows; "
+                             "give a shorter --admin-socket")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Owner-only from the first instant: the socket is created under this umask.
+        old = os.umask(0o177)
+        try:
+            if server.add_insecure_port(f"unix:{path}") == 0:
+                raise ValueError(f"cannot listen on the admin socket {path}")
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        where.append(f"unix:{path}")
+    if opts.admin_listen:
+        port = server.add_secure_port(opts.admin_listen, tls.server_credentials(
+            opts.admin_tls_cert, opts.admin_tls_key, opts.admin_client_ca))
+        if port == 0:
+            raise ValueError(f"cannot listen on {opts.admin_listen} for the admin API")
+        host = opts.admin_listen.rsplit(":", 1)[0]
+        where.append(f"{host}:{port} (TLS, client certificates required)")
+    return server, where
+
+
 async def serve(opts: ServeOptions) -> int:
     repository = opts.repository or EMBEDDED_REPOSITORY
     store = StateStore(opts.state_dir / "state.sqlite3")
@@ -84,6 +138,19 @@ async def serve(opts: ServeOptions) -> int:
     factory = EngineFactory(cache, BuildPool(opts.build_jobs))
     models = ModelManager(repository, store, factory, control_mode=opts.model_control, drain_timeout=opts.drain_timeout)
     lifecycle = Lifecycle(models)
+    rollouts = Rollouts(
+        repository, store, models, factory, Uploads(opts.state_dir / "uploads", opts.max_bundle_bytes),
+        OperationBoard(store),
+        RolloutOptions(trust_dir=opts.trust_dir or opts.state_dir / "trusted-keys", allow_unsigned=opts.allow_unsigned,
+                       keep_versions=opts.keep_versions, auto_activate=opts.auto_activate,
+                       max_bundle_bytes=opts.max_bundle_bytes, read_only=repository == EMBEDDED_REPOSITORY),
+    )
+    rollouts.recover()
+    try:
+        admin = _admin_server(opts, rollouts)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
 
     server = grpc.aio.server(
         options=[
@@ -113,9 +180,14 @@ async def serve(opts: ServeOptions) -> int:
         loop.add_signal_handler(sig, lifecycle.request_stop, sig.name)
 
     await server.start()
+    if admin is not None:
+        await admin[0].start()
+        log.info("admin API on %s", ", ".join(admin[1]))
     log.info("tegrad %s live: grpc=%s:%d metrics=%s:%d repository=%s", __version__, opts.host, grpc_port,
              opts.host, metrics_port, repository)
     background = [asyncio.ensure_future(health.track())]
+    if opts.dropbox is not None:
+        background.append(asyncio.ensure_future(DropBox(opts.dropbox, rollouts).run()))
     interval = watchdog_interval()
     if interval:
         background.append(asyncio.ensure_future(lifecycle.watchdog(interval)))
@@ -146,6 +218,9 @@ async def serve(opts: ServeOptions) -> int:
     # What is left holds no inference work (health watches, idle streams); a grace as long
     # as the drain timeout would only keep those open and delay the exit.
     await server.stop(grace=_STREAM_GRACE_S)
+    if admin is not None:
+        await admin[0].stop(grace=_STREAM_GRACE_S)
+    await rollouts.stop()
     await models.shutdown()
     for task in background:
         task.cancel()

@@ -92,6 +92,51 @@ ENGINE_CACHE_EVICTIONS = Counter(
     "Engine cache entries removed to stay under the size limit (least recently used first).",
 )
 
+# Rollouts: bundles staged on the device, activated and rolled back.
+ROLLOUT_STAGES = ("upload", "verify", "extract", "build", "validate", "activate")
+ROLLOUT_OPERATIONS = Counter(
+    "tegrad_rollout_operations",
+    "Finished rollout operations by kind (stage, activate, rollback, delete) and result (succeeded, failed).",
+    ["kind", "result"],
+)
+ROLLOUT_ACTIVE_OPERATIONS = Gauge(
+    "tegrad_rollout_operations_in_progress",
+    "Rollout operations not finished, by state (QUEUED, VERIFYING, BUILDING, VALIDATING, ACTIVATING).",
+    ["state"],
+)
+ROLLOUT_STAGE_DURATION = Histogram(
+    "tegrad_rollout_stage_duration_seconds",
+    "Time spent in each stage of a rollout: upload, verify, extract, build, validate, activate.",
+    ["stage"],
+    buckets=BUILD_BUCKETS,
+)
+VALIDATION_SCORE = Gauge(
+    "tegrad_validation_score",
+    "Last validation score of a staged version against its bundle's golden FP32 outputs "
+    "(top1_agreement, cosine, f1, max_rel_error).",
+    ["model", "version", "metric"],
+)
+ACTIVE_VERSION = Gauge(
+    "tegrad_model_active_version",
+    "The version a rollout made active (0 while the version policy chooses); tegrad_model_info has its engine.",
+    ["model"],
+)
+
+
+def set_validation_scores(model: str, version: str, scores: dict[str, float]) -> None:
+    for metric, value in scores.items():
+        VALIDATION_SCORE.labels(model, version, metric).set(value)
+
+
+def set_active_version(model: str, version: int) -> None:
+    ACTIVE_VERSION.labels(model).set(version)
+
+
+def forget_validation_scores(model: str, version: str) -> None:
+    for labels in list(VALIDATION_SCORE._metrics):
+        if labels[:2] == (model, version):
+            VALIDATION_SCORE.remove(*labels)
+
 
 def set_model_state(model: str, version: str, state: str) -> None:
     for s in STATES:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import logging
 import shutil
@@ -18,8 +17,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from daemon.rollout import BundleError, cli, signing
-from daemon.rollout.bundle import Manifest, MemberInfo, open_bundle, parse_manifest, read_manifest
+from daemon.rollout.bundle import open_bundle, parse_manifest, read_manifest
 from daemon.rollout.make import create, sign_bundle
+from tests.rollout.forge import entry as _entry
+from tests.rollout.forge import flip_byte as _flip_byte
+from tests.rollout.forge import forge as _forge
+from tests.rollout.forge import members as _members
+from tests.rollout.forge import write_tar as _write_tar
 
 DIGITS = Path(__file__).resolve().parents[2] / "daemon" / "models" / "digits"
 CREATED = "2026-01-02T03:04:05Z"
@@ -84,53 +88,6 @@ def install(tmp_path) -> Path:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def _members(path) -> list[tuple[tarfile.TarInfo, bytes]]:
-    with tarfile.open(path) as tf:
-        return [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-
-
-def _write_tar(path, entries) -> Path:
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
-        for info, data in entries:
-            if data is None:
-                tf.addfile(info)
-            else:
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return path
-
-
-def _entry(name, data=b"", type_=tarfile.REGTYPE, linkname=""):
-    info = tarfile.TarInfo(name)
-    info.type = type_
-    info.linkname = linkname
-    return info, (data if type_ == tarfile.REGTYPE else None)
-
-
-def _forge(src, dst, key, replace=None, update=None) -> Path:
-    """A correctly hashed and signed copy of ``src`` with members and manifest fields changed."""
-    items = {m.name: data for m, data in _members(src)}
-    manifest = parse_manifest(items.pop("manifest.json"))
-    items.pop("manifest.sig", None)
-    items.update(replace or {})
-    members = {n: MemberInfo(sha256=hashlib.sha256(b).hexdigest(), size=len(b)) for n, b in items.items()}
-    data = Manifest.model_validate({**manifest.model_dump(), "members": members, **(update or {})}).to_bytes()
-    private = signing.load_private_key(key)
-    sig = signing.encode_signature(signing.key_id(private.public_key()), signing.sign(data, private))
-    entries = [_entry("manifest.json", data), _entry("manifest.sig", sig)]
-    return _write_tar(dst, entries + [_entry(n, b) for n, b in items.items()])
-
-
-def _flip_byte(path, member, at=100) -> None:
-    with tarfile.open(path) as tf:
-        offset = tf.getmember(member).offset_data + at
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
 def _assert_nothing_written(install) -> None:
     assert list(install.iterdir()) == [], "a refused bundle left files behind"
 
