@@ -237,3 +237,75 @@ def test_embedded_repository_takes_no_bundles(tmp_path, keys, int8_bundle):
             assert "--model-repository" in err.value.details()
     finally:
         server.stop()
+
+
+def _certificates(root):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(name, issuer_name, issuer_key, *, ca=False, san=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        (root / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (root / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+        return key
+
+    ca_key = issue("ca", "ca", None, ca=True)
+    issue("server", "ca", ca_key, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    issue("client", "ca", ca_key)
+    return root
+
+
+def test_admin_over_tcp_needs_a_client_certificate(tmp_path, keys):
+    import re
+    import subprocess
+    import sys
+
+    from daemon.rollout.admin_client import AdminClient
+    from tests.interop.conftest import ROOT
+
+    pki = _certificates(tmp_path)
+    # Without TLS material the daemon refuses to open TCP for the admin API at all.
+    plain = subprocess.run([sys.executable, "-m", "daemon", "serve", "--state-dir", str(tmp_path / "s0"),
+                            "--grpc-port", "0", "--metrics-port", "0", "--admin-socket", "",
+                            "--admin-listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 1 and "only with TLS and client certificates" in plain.stderr
+
+    device = start_device(tmp_path, keys.trust_dir, args=(
+        "--admin-listen", "127.0.0.1:0", "--admin-tls-cert", str(pki / "server.pem"),
+        "--admin-tls-key", str(pki / "server.key"), "--admin-client-ca", str(pki / "ca.pem")))
+    try:
+        port = int(re.search(r"127\.0\.0\.1:(\d+) \(TLS", device.server.log()).group(1))
+        with AdminClient(f"127.0.0.1:{port}", ca=pki / "ca.pem", cert=pki / "client.pem",
+                         key=pki / "client.key") as admin:
+            assert admin.models("digits")[0].name == "digits"
+        # TLS without a client certificate: the handshake fails.
+        channel = grpc.secure_channel(f"127.0.0.1:{port}",
+                                      grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes()))
+        from daemon.protogen import admin_pb2, admin_pb2_grpc
+
+        with pytest.raises(grpc.RpcError) as err:
+            admin_pb2_grpc.AdminStub(channel).ListModels(admin_pb2.ListModelsRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        channel.close()
+    finally:
+        device.server.stop()
