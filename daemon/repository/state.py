@@ -270,6 +270,10 @@ class StateStore:
             self._db.execute(f"INSERT OR REPLACE INTO operations({', '.join(cols)}) "
                              f"VALUES ({', '.join('?' * len(cols))})", values)
 
+    def delete_operations(self, ids: list[str]) -> None:
+        with self._transaction():
+            self._db.executemany("DELETE FROM operations WHERE id=?", [(i,) for i in ids])
+
     def operations(self, *, model: str = "", op_id: str = "", not_done: bool = False) -> list[OperationRecord]:
         where, args = [], []
         if model:

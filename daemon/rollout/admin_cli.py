@@ -49,7 +49,9 @@ def cmd_push(args: argparse.Namespace) -> int:
             return 0
         op = c.wait(op.id, lambda o: print(_op_line(o), file=sys.stderr))
         took = time.monotonic() - start
-        stages = ", ".join(f"{k} {v:.2f} s" for k, v in op.stage_seconds.items())
+        from daemon.telemetry.metrics import ROLLOUT_STAGES
+
+        stages = ", ".join(f"{k} {op.stage_seconds[k]:.2f} s" for k in ROLLOUT_STAGES if k in op.stage_seconds)
         if op.validation.task:
             v = op.validation
             scores = ", ".join(f"{k} {s:.4f}" for k, s in sorted(v.scores.items()))

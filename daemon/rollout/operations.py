@@ -22,6 +22,7 @@ from daemon.telemetry import metrics
 QUEUED, VERIFYING, BUILDING, VALIDATING, ACTIVATING, SUCCEEDED, FAILED = (
     "QUEUED", "VERIFYING", "BUILDING", "VALIDATING", "ACTIVATING", "SUCCEEDED", "FAILED")
 DONE = (SUCCEEDED, FAILED)
+KEEP_DONE = 200  # finished operations remembered (GetOperation, ListOperations); older ones are forgotten
 
 
 class OperationBoard:
@@ -41,6 +42,7 @@ class OperationBoard:
                              **fields)
         self._ops[op.id] = op
         self._store.put_operation(op)
+        self._forget_old()
         metrics.ROLLOUT_ACTIVE_OPERATIONS.labels(QUEUED).inc()
         event("operation", id=op.id, kind=kind, model=op.model, version=op.version, old="", new=QUEUED, reason="")
         self._notify(op)
@@ -63,6 +65,14 @@ class OperationBoard:
                   new=new.state, reason=new.error)
         self._notify(new)
         return new
+
+    def _forget_old(self) -> None:
+        done = [op for op in self.list() if op.done]
+        old = [op.id for op in done[:max(0, len(done) - KEEP_DONE)]]
+        if old:
+            self._store.delete_operations(old)
+            for op_id in old:
+                del self._ops[op_id]
 
     def get(self, op_id: str) -> OperationRecord:
         op = self._ops.get(op_id)

@@ -34,6 +34,11 @@ def operation_pb(op: OperationRecord) -> pb.Operation:
         stage_seconds=op.stage_seconds, validation=_report(op.report), created=op.created, updated=op.updated)
 
 
+def _upload_pb(state) -> pb.UploadStatus:
+    return pb.UploadStatus(sha256=state.sha256, total_size=state.total_size, received=state.received,
+                           complete=state.complete)
+
+
 def _model(name: str) -> str:
     if not name:
         raise InvalidArgument("give the model's name")
@@ -84,16 +89,14 @@ class AdminService(pb_grpc.AdminServicer):
         except TegradError as exc:
             await abort(context, exc)
         metrics.ROLLOUT_STAGE_DURATION.labels("upload").observe(time.monotonic() - start)
-        return pb.UploadStatus(sha256=state.sha256, total_size=state.total_size, received=state.received,
-                               complete=state.complete)
+        return _upload_pb(state)
 
     async def GetUpload(self, request, context):
         try:
             state = self.r.uploads.state(request.sha256)
         except TegradError as exc:
             await abort(context, exc)
-        return pb.UploadStatus(sha256=state.sha256, total_size=state.total_size, received=state.received,
-                               complete=state.complete)
+        return _upload_pb(state)
 
     # -- operations ------------------------------------------------------------------------------
 

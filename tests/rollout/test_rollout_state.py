@@ -156,3 +156,19 @@ def test_watchers_see_the_current_state_then_every_change(store):
 
     assert asyncio.run(scenario()) == ["QUEUED", "VERIFYING", "SUCCEEDED"]
     assert board.list("m")[0].done and board.list("other") == []
+
+
+def test_only_the_latest_finished_operations_are_kept(store, monkeypatch):
+    from daemon.rollout import operations
+
+    monkeypatch.setattr(operations, "KEEP_DONE", 3)
+    board = OperationBoard(store)
+    ids = []
+    for _ in range(5):
+        op = board.create("stage")
+        board.update(op.id, state=SUCCEEDED)
+        ids.append(op.id)
+    running = board.create("stage")
+    assert [op.id for op in store.operations()] == ids[2:] + [running.id]
+    with pytest.raises(NotFound):
+        board.get(ids[0])
