@@ -191,7 +191,8 @@ class Rollouts:
         if record is not None and record.state != FAILED:
             raise AlreadyExists(f"model {model} version {version} is already on this device ({record.state}); "
                                 "a new bundle needs a new version number")
-        if (self.root / model / str(version)).exists() and record is None:
+        # A FAILED version never has files of its own: whatever is there belongs to someone else.
+        if os.path.lexists(self.root / model / str(version)):
             raise AlreadyExists(f"model {model} version {version} already exists in the repository "
                                 f"({self.root / model / str(version)}); a new bundle needs a new version number")
         if (self.root / model).exists() and not (self.root / model).is_dir():

@@ -177,6 +177,6 @@ def check_member_name(name: str) -> None:
         raise BundleError(f"member {name!r} points outside the bundle ('..'); refusing it")
     if "/" in name or "\\" in name:
         raise BundleError(f"member {name!r} has a directory part; bundle members are plain file names")
-    if not _MEMBER_RE.match(name):
+    if not _MEMBER_RE.fullmatch(name):
         raise BundleError(f"member {name!r} is not a plain file name (letters, digits, '_', '.', '+', '-'; "
                           "not starting with '.'; at most 100 characters)")

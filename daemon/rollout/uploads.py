@@ -47,14 +47,15 @@ class Uploads:
         self._expire()
 
     def _expire(self) -> None:
-        """Forget partial uploads nobody resumed for a week."""
+        """Forget uploads (partial or complete but never staged successfully) untouched for a week."""
         cutoff = time.time() - _STALE_S
-        for path in self.dir.glob("*.part"):
+        for path in self.dir.iterdir():
+            # A partial upload's .json is written once; its .part says when it was last resumed.
+            newest = [path, self.dir / f"{path.stem}.part"] if path.suffix == ".json" else [path]
             try:
-                if path.stat().st_mtime < cutoff:
-                    log.info("upload %s: abandoned for a week; deleting its %d bytes", path.stem[:16], path.stat().st_size)
+                if path.is_file() and max(p.stat().st_mtime for p in newest if p.exists()) < cutoff:
+                    log.info("upload file %s: untouched for a week; deleting it", path.name)
                     path.unlink()
-                    (self.dir / f"{path.stem}.json").unlink(missing_ok=True)
             except OSError:
                 pass
 
@@ -162,7 +163,7 @@ class Uploads:
 
 
 def _check_sha(sha: str) -> str:
-    if not _SHA.match(sha or ""):
+    if not _SHA.fullmatch(sha or ""):
         raise InvalidArgument(f"upload names must be a bundle's sha256 in 64 lowercase hex digits, not {sha!r}")
     return sha
 
