@@ -126,8 +126,23 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+# Builds are what the OOM killer should take on a small board, not the server that keeps answering
+# (systemd gives the daemon OOMScoreAdjust=-100, which children inherit). Raising one's own score
+# needs no privilege.
+WORKER_OOM_SCORE_ADJ = 500
+
+
+def _be_the_oom_victim() -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(WORKER_OOM_SCORE_ADJ))
+    except OSError:  # not Linux, or a read-only /proc: the build runs all the same
+        pass
+
+
 def _worker_main(job: BuildJob, conn, parent: int) -> None:
     _die_with_parent(parent)
+    _be_the_oom_victim()
     lock = threading.Lock()
 
     def send(*message) -> None:

@@ -93,3 +93,23 @@ def test_cancel_and_task_cancellation_stop_the_worker(digits_dir, tmp_path):
     assert err.result == "cancelled"
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/oom_score_adj"), reason="needs Linux /proc/<pid>/oom_score_adj")
+def test_the_worker_not_the_daemon_is_the_oom_killers_choice(digits_dir, tmp_path):
+    from daemon.engines.worker import WORKER_OOM_SCORE_ADJ
+
+    pool = BuildPool()
+    seen: list[int] = []
+
+    def progress(stage: str) -> None:
+        if stage.startswith("lowering"):  # the worker is alive and past its start-up
+            [pid] = pool.running().values()
+            with open(f"/proc/{pid}/oom_score_adj") as f:
+                seen.append(int(f.read()))
+
+    job = _job(digits_dir, tmp_path, precision="int8", calibration_cache=str(digits_dir / "calib.json"))
+    asyncio.run(pool.build(job, timeout=120, progress=progress))
+    with open("/proc/self/oom_score_adj") as f:
+        own = int(f.read())
+    assert seen == [WORKER_OOM_SCORE_ADJ] and own < WORKER_OOM_SCORE_ADJ
