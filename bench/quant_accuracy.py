@@ -39,6 +39,8 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.tables import say as _say  # noqa: E402
+from bench.tables import table as _table  # noqa: E402
 from calib import algorithms, sensitivity  # noqa: E402
 from calib.datasets import ImageFolder, batches  # noqa: E402
 from calib.evaluate import EvalResult, compare_outputs, run_batches, session  # noqa: E402
@@ -61,23 +63,6 @@ SENSITIVITY_STRIDE = 2
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-def _say(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def _table(headers: list[str], rows: list[list[Any]], align: str | None = None) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    align = align or ("l" + "r" * (len(headers) - 1))
-
-    def fmt(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align))
-
-    lines = [fmt(headers), "  ".join("-" * w for w in widths)]
-    lines += [fmt(r) for r in cells]
-    return "\n".join(lines)
-
-
 def _load_avg() -> str:
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())

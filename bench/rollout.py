@@ -32,16 +32,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +47,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.rollout import signing  # noqa: E402
+from bench.tables import say as _say  # noqa: E402
+from bench.tables import table as _table  # noqa: E402
 from daemon.rollout.admin_client import AdminClient, state_name  # noqa: E402
 from daemon.rollout.make import create, sign_bundle  # noqa: E402
+
+# tritonclient-side helpers (no daemon.protogen KServe modules), as bench/engine_start.py uses
+from tests.interop.rollout_support import heldout_digits, make_keys, start_device  # noqa: E402
 
 DIGITS = ROOT / "daemon" / "models" / "digits"
 ZOO = ROOT.parent / "shared" / "zoo"
 EFFNET = "efficientnet_lite0"
 STAGES = ("verify", "extract", "build", "validate")
-_LIVE = re.compile(r"grpc=[^ ]+:(\d+) metrics=[^ ]+:(\d+)")
 
 EFFNET_CONFIG = """\
 # EfficientNet-Lite0 (benchmark zoo), ImageNet-1k. Clients send the preprocessed tensor:
@@ -85,83 +83,6 @@ labels = "labels.txt"
 """
 
 
-def _say(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def _table(headers: list[str], rows: list[list[Any]], align: str | None = None) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    align = align or ("l" + "r" * (len(headers) - 1))
-
-    def fmt(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)).rstrip()
-
-    return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *(fmt(r) for r in cells)])
-
-
-# ---------------------------------------------------------------------------------------------
-# the daemon, as a separate process (no pytest: the few lines of tests/interop/conftest.py it needs)
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Daemon:
-    proc: subprocess.Popen
-    grpc_port: int
-    socket: Path
-    lines: list[str]
-    ready_seconds: float
-
-    @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def admin(self) -> AdminClient:
-        return AdminClient(f"unix:{self.socket}")
-
-    def log(self, last: int = 60) -> str:
-        return "".join(self.lines[-last:])
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout)
-
-
-def start_daemon(repo: Path, state: Path, socket: Path, trust: Path, timeout: float = 300) -> Daemon:
-    cmd = [sys.executable, "-m", "daemon", "serve", "--host", "127.0.0.1", "--model-repository", str(repo),
-           "--state-dir", str(state), "--admin-socket", str(socket), "--trust-dir", str(trust),
-           "--grpc-port", "0", "--metrics-port", "0"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    ports: list[int] = []
-    ready = threading.Event()
-    took = [0.0]
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            m = _LIVE.search(line)
-            if m and not ports:
-                ports.extend(int(g) for g in m.groups())
-            if "tegrad ready" in line and not ready.is_set():
-                took[0] = time.perf_counter() - start
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout) or not ports or proc.poll() is not None:
-        proc.kill()
-        raise SystemExit("tegrad did not become ready:\n" + "".join(lines[-60:]))
-    return Daemon(proc, ports[0], socket, lines, took[0])
-
-
 # ---------------------------------------------------------------------------------------------
 # keys and bundles (made once, before any daemon runs; not part of push -> active)
 # ---------------------------------------------------------------------------------------------
@@ -177,15 +98,6 @@ class Bundle:
     note: str = ""
 
 
-def make_keys(root: Path) -> tuple[Path, Path]:
-    """(signing key, trust directory holding its public key)."""
-    key, pub, _ = signing.generate_keypair(root / "signer", "fleet")
-    trust = root / "trusted"
-    trust.mkdir()
-    shutil.copy(pub, trust / pub.name)
-    return key, trust
-
-
 def _signed(label: str, source: Any, out: Path, version: int, key: Path, note: str = "", **kw) -> Bundle:
     t0 = time.perf_counter()
     manifest = create(source, out, version=version, **kw)
@@ -193,11 +105,6 @@ def _signed(label: str, source: Any, out: Path, version: int, key: Path, note: s
     sign_bundle(out, key)
     t2 = time.perf_counter()
     return Bundle(label, manifest.model, version, out, t1 - t0, t2 - t1, out.stat().st_size / 1e6, note)
-
-
-def digits_heldout() -> tuple[np.ndarray, np.ndarray]:
-    with np.load(DIGITS / "data" / "heldout.npz") as z:
-        return (z["x"].astype(np.float32) / 16).reshape(-1, 1, 8, 8), z["y"].astype(np.int64)
 
 
 def digits_bundles(work: Path, key: Path, cold: int, warm: int) -> tuple[Bundle, Bundle]:
@@ -211,7 +118,7 @@ def digits_bundles(work: Path, key: Path, cold: int, warm: int) -> tuple[Bundle,
     assert 'precision = "fp32"' in config, "the digits config changed; update this bench"
     (src / "config.toml").write_text(config.replace('precision = "fp32"',
                                                     'precision = "int8"\ncalibration_cache = "calib.json"'))
-    golden = digits_heldout()[0][:64]
+    golden = heldout_digits()[0][:64]
     note = "shipped calib.json"
     a = _signed(f"digits int8 v{cold}", src, work / f"digits-v{cold}.tegrad", cold, key, note,
                 golden_inputs=golden, golden_count=64)
@@ -318,7 +225,7 @@ class Checker:
     """One unversioned inference per activation: the answer must come from the version just activated."""
 
     def __init__(self, golden: int, image: str | None) -> None:
-        x, y = digits_heldout()
+        x, y = heldout_digits()
         self.digit_x, self.digit_y = x[-1:], int(y[-1])  # the last held-out digit: not among the golden ones
         if image:
             self.image = Path(image)
@@ -360,16 +267,15 @@ class Checker:
 # ---------------------------------------------------------------------------------------------
 def one_repeat(work: Path, trust: Path, pairs: list[tuple[Bundle, Bundle]], checker: Checker, auto: bool
                ) -> tuple[float, dict[str, PushResult], dict[str, float]]:
-    repo = work / "repo"
-    shutil.copytree(DIGITS, repo / "digits", ignore=shutil.ignore_patterns("data", "README.md"))
-    sock_dir = Path(tempfile.mkdtemp(prefix="tgd-", dir="/tmp"))  # a Unix socket path holds <= 107 bytes
-    daemon = start_daemon(repo, work / "state", sock_dir / "admin.sock", trust)
+    start = time.perf_counter()
+    device = start_device(work, trust)  # digits v1 fp32 in a fresh repository; admin socket in a short /tmp dir
+    ready_seconds = time.perf_counter() - start
     pushes: dict[str, PushResult] = {}
     rollbacks: dict[str, float] = {}
     ok = False
     try:
-        _say(f"  tegrad ready in {daemon.ready_seconds:.2f} s (digits v1 fp32 built and loaded)")
-        with daemon.admin() as admin:
+        _say(f"  tegrad ready in {ready_seconds:.2f} s (digits v1 fp32 built and loaded)")
+        with device.admin() as admin:
             for cold, warm in pairs:
                 for b, kind in ((cold, "cold"), (warm, "warm")):
                     r = push(admin, b, auto)
@@ -379,20 +285,20 @@ def one_repeat(work: Path, trust: Path, pairs: list[tuple[Bundle, Bundle]], chec
                     scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(r.scores.items()))
                     _say(f"  {b.label} ({kind}): push->active {r.total:.2f} s (upload {r.upload:.2f}, {stages}, "
                          f"activate {r.activate:.2f}); engine {r.engine}; {scores}")
-                    _say(f"    infer: {checker.check(daemon.url, b.model, b.version)}")
+                    _say(f"    infer: {checker.check(device.server.url, b.model, b.version)}")
                 if pushes[warm.label].engine != pushes[cold.label].engine:
                     checker.odd.append(f"{warm.label}: engine {pushes[warm.label].engine} differs from "
                                        f"{cold.label}'s {pushes[cold.label].engine} (expected a cache hit)")
                 rollbacks[cold.model] = rollback(admin, cold.model, cold.version)
                 _say(f"  {cold.model}: Rollback v{warm.version} -> v{cold.version} in {rollbacks[cold.model]:.3f} s")
-                _say(f"    infer: {checker.check(daemon.url, cold.model, cold.version)}")
+                _say(f"    infer: {checker.check(device.server.url, cold.model, cold.version)}")
         ok = True
     finally:
-        rc = daemon.stop()
+        rc = device.server.stop()
         if rc != 0 or not ok:
-            _say(f"tegrad exited with {rc}; last log lines:\n{daemon.log()}")
-        shutil.rmtree(sock_dir, ignore_errors=True)
-    return daemon.ready_seconds, pushes, rollbacks
+            _say(f"tegrad exited with {rc}; last log lines:\n{''.join(device.server.lines[-60:])}")
+        shutil.rmtree(device.socket.parent, ignore_errors=True)
+    return ready_seconds, pushes, rollbacks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tegrad-rollout-") as tmp:
         work = Path(tmp)
-        key, trust = make_keys(work / "keys")
+        keys = make_keys(work / "keys")
+        key, trust = keys.signer, keys.trust_dir
         _say("making signed bundles (not part of push -> active)")
         pairs = []
         if "digits" in chosen:
