@@ -11,7 +11,7 @@ from pathlib import Path
 from daemon import __version__
 
 
-def _default_state_dir() -> Path:
+def default_state_dir() -> Path:
     if os.environ.get("TEGRAD_STATE_DIR"):
         return Path(os.environ["TEGRAD_STATE_DIR"])
     if os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
@@ -35,7 +35,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one (default: %(default)s)")
-    p.add_argument("--state-dir", type=Path, default=_default_state_dir(), help="where the SQLite state lives (default: %(default)s)")
+    p.add_argument("--state-dir", type=Path, default=default_state_dir(), help="where the SQLite state lives (default: %(default)s)")
     p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest request accepted; larger ones get RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let in-flight requests finish on SIGTERM (default: %(default)s)")
     p.add_argument("--engine-cache-dir", type=Path, default=None,

@@ -29,10 +29,12 @@ def model_dir(root: Path, name: str) -> Path:
     return path
 
 
-def versions_on_disk(path: Path, filename: str) -> list[int]:
+def versions_on_disk(path: Path, filename: str | None = None) -> list[int]:
+    """Version directories of a model, those holding ``filename`` when given."""
     found = []
     for child in path.iterdir():
-        if child.is_dir() and child.name.isdigit() and int(child.name) > 0 and (child / filename).is_file():
+        if child.is_dir() and child.name.isdigit() and int(child.name) > 0 \
+                and (filename is None or (child / filename).is_file()):
             found.append(int(child.name))
     return sorted(found)
 

@@ -223,10 +223,6 @@ class StateStore:
             f"INSERT OR REPLACE INTO rollout_versions({', '.join(cols)}, updated) "
             f"VALUES ({', '.join('?' * (len(cols) + 1))})", (*values, time.time()))
 
-    def put_version(self, rv: RolloutVersion) -> None:
-        with self._transaction():
-            self._put_version(rv)
-
     def set_rollout_state(self, model: str, version: int, state: str, reason: str = "", **changes: Any) -> RolloutVersion:
         """One transition of a version already recorded (or a new record), in one transaction."""
         with self._transaction():
@@ -274,14 +270,11 @@ class StateStore:
         with self._transaction():
             self._db.executemany("DELETE FROM operations WHERE id=?", [(i,) for i in ids])
 
-    def operations(self, *, model: str = "", op_id: str = "", not_done: bool = False) -> list[OperationRecord]:
+    def operations(self, *, model: str = "", not_done: bool = False) -> list[OperationRecord]:
         where, args = [], []
         if model:
             where.append("model=?")
             args.append(model)
-        if op_id:
-            where.append("id=?")
-            args.append(op_id)
         if not_done:
             where.append("done=0")
         query = "SELECT * FROM operations" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created"
@@ -305,8 +298,9 @@ class StateStore:
         why = "interrupted by a restart of tegrad"
         now = time.time()
         with self._transaction():
-            staging = [v for v in self.rollout_versions() if v.state == STAGING]
-            activating = [v for v in self.rollout_versions() if v.state == ACTIVATING]
+            versions = self.rollout_versions()
+            staging = [v for v in versions if v.state == STAGING]
+            activating = [v for v in versions if v.state == ACTIVATING]
             for v in staging:
                 self._put_version(replace(v, state=FAILED, reason=f"staging {why}; stage the bundle again"))
             for v in activating:

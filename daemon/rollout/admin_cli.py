@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from daemon.rollout.cli import command, positive_int
+
 
 def _client(args: argparse.Namespace):
     from daemon.rollout.admin_client import AdminClient
@@ -130,37 +132,12 @@ def cmd_operations(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wrap(func, name: str):
-    def run(args: argparse.Namespace) -> int:
-        import grpc
-
-        try:
-            return func(args)
-        except grpc.RpcError as exc:
-            print(f"tegrad {name}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2
-        except (ValueError, OSError) as exc:
-            print(f"tegrad {name}: error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            return 130
-
-    return run
-
-
 def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin", default=None, metavar="ADDRESS",
                    help="admin API: unix:PATH or HOST:PORT (default: unix:<state dir>/admin.sock)")
     p.add_argument("--tls-ca", type=Path, help="for HOST:PORT: CA certificate that signed the device's certificate")
     p.add_argument("--tls-cert", type=Path, help="client certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
-
-
-def _version(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"versions are positive integers, not {text}")
-    return value
 
 
 def register(sub: Any) -> None:
@@ -173,7 +150,7 @@ def register(sub: Any) -> None:
     p.add_argument("--no-wait", action="store_true", help="return once staging has started")
     p.add_argument("--chunk-kb", type=int, default=1024, help="upload chunk size (default: %(default)s)")
     _connection(p)
-    p.set_defaults(func=_wrap(cmd_push, "push"))
+    p.set_defaults(func=command(cmd_push, "push"))
 
     r = sub.add_parser("rollout", help="model versions on a device: status, activate, rollback, delete, operations")
     rs = r.add_subparsers(dest="rollout_command", metavar="{status,activate,rollback,delete,operations}")
@@ -182,24 +159,24 @@ def register(sub: Any) -> None:
     s.add_argument("model", nargs="?")
     s.add_argument("--json", action="store_true")
     _connection(s)
-    s.set_defaults(func=_wrap(cmd_status, "rollout status"))
+    s.set_defaults(func=command(cmd_status, "rollout status"))
     a = rs.add_parser("activate", help="serve a staged or earlier version")
     a.add_argument("model")
-    a.add_argument("model_version", type=_version, metavar="version")
+    a.add_argument("model_version", type=positive_int, metavar="version")
     _connection(a)
-    a.set_defaults(func=_wrap(cmd_activate, "rollout activate"))
+    a.set_defaults(func=command(cmd_activate, "rollout activate"))
     b = rs.add_parser("rollback", help="serve the previously active version again")
     b.add_argument("model")
     _connection(b)
-    b.set_defaults(func=_wrap(cmd_rollback, "rollout rollback"))
+    b.set_defaults(func=command(cmd_rollback, "rollout rollback"))
     d = rs.add_parser("delete", help="delete a version that is not active (files and cached engines)")
     d.add_argument("model")
-    d.add_argument("model_version", type=_version, metavar="version")
+    d.add_argument("model_version", type=positive_int, metavar="version")
     _connection(d)
-    d.set_defaults(func=_wrap(cmd_delete, "rollout delete"))
+    d.set_defaults(func=command(cmd_delete, "rollout delete"))
     o = rs.add_parser("operations", help="staging operations; --watch follows them")
     o.add_argument("--model")
     o.add_argument("--watch", nargs="?", const="", default=None, metavar="ID",
                    help="stream changes (of one operation, until it is done)")
     _connection(o)
-    o.set_defaults(func=_wrap(cmd_operations, "rollout operations"))
+    o.set_defaults(func=command(cmd_operations, "rollout operations"))

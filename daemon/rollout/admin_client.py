@@ -7,7 +7,6 @@ from there.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from calib.cache import sha256_file
 from daemon.protogen import admin_pb2 as pb
 from daemon.protogen import admin_pb2_grpc as pb_grpc
 
@@ -26,17 +26,9 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
 
 
 def default_address() -> str:
-    from daemon.cli import _default_state_dir
+    from daemon.cli import default_state_dir
 
-    return f"unix:{_default_state_dir() / 'admin.sock'}"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return f"unix:{default_state_dir() / 'admin.sock'}"
 
 
 class AdminClient:
@@ -80,7 +72,7 @@ class AdminClient:
         ``stop_after``: give up after sending this many bytes in this call (tests of resumption).
         """
         path = Path(path)
-        sha, total = sha256_of(path), path.stat().st_size
+        sha, total = sha256_file(path), path.stat().st_size
         failures = 0
         while True:
             status = self.upload_status(sha)

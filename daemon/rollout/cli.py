@@ -150,24 +150,31 @@ def format_summary(info: Any) -> str:
     return "\n".join(lines)
 
 
-def _wrap(func: Callable[[argparse.Namespace], int], name: str) -> Callable[[argparse.Namespace], int]:
+def command(func: Callable[[argparse.Namespace], int], name: str) -> Callable[[argparse.Namespace], int]:
+    """``func`` as a command ``tegrad <name>`` (also ``tegrad push`` / ``rollout``): refused input, files and
+    RPCs become one line on stderr and exit 2; Ctrl-C exits 130."""
     def run(args: argparse.Namespace) -> int:
+        import grpc
+
         # The --allow-unsigned warning is a log record; it must reach the terminal even without `serve`.
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
             return func(args)
+        except grpc.RpcError as exc:  # the admin API refused, or the device could not be reached
+            print(f"tegrad {name}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
         except (ValueError, OSError) as exc:  # BundleError is a ValueError
-            print(f"tegrad bundle {name}: error: {exc}", file=sys.stderr)
+            print(f"tegrad {name}: error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"tegrad bundle {name}: interrupted", file=sys.stderr)
+            print(f"tegrad {name}: interrupted", file=sys.stderr)
             return 130
 
     return run
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
@@ -185,7 +192,7 @@ def register(subparsers: Any) -> None:
     k = sub.add_parser("keygen", help="make an Ed25519 signing key pair (NAME.key, NAME.pub)")
     k.add_argument("--out", required=True, metavar="DIR", help="directory for the key files")
     k.add_argument("--name", default="tegrad", help="file name stem (default: %(default)s)")
-    k.set_defaults(func=_wrap(cmd_keygen, "keygen"))
+    k.set_defaults(func=command(cmd_keygen, "bundle keygen"))
 
     c = sub.add_parser("create", help="make a bundle: hashes, golden FP32 outputs, optional calibration",
                        description="MODEL is a model directory (config.toml and <version>/model.onnx) or a .onnx "
@@ -193,7 +200,7 @@ def register(subparsers: Any) -> None:
     c.add_argument("model", help="model directory or .onnx file")
     c.add_argument("-o", "--out", required=True, help="bundle file to write")
     c.add_argument("--name", help="model name (default: the model directory's name)")
-    c.add_argument("--model-version", type=_positive_int, help="version number (default: the newest <version> "
+    c.add_argument("--model-version", type=positive_int, help="version number (default: the newest <version> "
                                                                "directory, else 1)")
     c.add_argument("--config", help="config.toml (default: the one in the model directory)")
     c.add_argument("--calibration-cache", help="calibration cache, tegrad JSON or TensorRT text "
@@ -201,7 +208,7 @@ def register(subparsers: Any) -> None:
     c.add_argument("--labels", help="labels file (default: what config.toml names)")
     c.add_argument("--golden-inputs", required=True, metavar="NPZ|NPY",
                    help="model inputs, already preprocessed: .npz keyed by input name, or .npy for one input")
-    c.add_argument("--golden-count", type=_positive_int, default=8, help="samples kept (default: %(default)s)")
+    c.add_argument("--golden-count", type=positive_int, default=8, help="samples kept (default: %(default)s)")
     c.add_argument("--task", choices=("classification", "detection", "regression"), default="classification",
                    help="how device outputs are compared with the golden ones (default: %(default)s)")
     for t in _THRESHOLDS:
@@ -212,13 +219,13 @@ def register(subparsers: Any) -> None:
     c.add_argument("--created", metavar="YYYY-MM-DDTHH:MM:SSZ",
                    help="timestamp to record (default: $SOURCE_DATE_EPOCH or now); fix it for identical bytes")
     c.add_argument("--key", help="sign with this private key right away")
-    c.set_defaults(func=_wrap(cmd_create, "create"))
+    c.set_defaults(func=command(cmd_create, "bundle create"))
 
     s = sub.add_parser("sign", help="add or replace the bundle's Ed25519 signature")
     s.add_argument("bundle")
     s.add_argument("--key", required=True, help="private key (NAME.key from keygen)")
     s.add_argument("-o", "--out", help="write the signed bundle here (default: in place)")
-    s.set_defaults(func=_wrap(cmd_sign, "sign"))
+    s.set_defaults(func=command(cmd_sign, "bundle sign"))
 
     v = sub.add_parser("verify", help="check signature, hashes and contents; optionally extract",
                        description="Checks everything a device checks before installing. Exit 0 when the "
@@ -232,15 +239,15 @@ def register(subparsers: Any) -> None:
                    help="also build the engine here (lowering with the shipped cache, build worker) and check the "
                         "golden samples against the manifest's thresholds; exit 1 when they fail")
     v.add_argument("--engine-cache", metavar="DIR", help="with --validate: engine cache to use (default: a temporary one)")
-    v.add_argument("--max-bytes", type=_positive_int, default=None,
+    v.add_argument("--max-bytes", type=positive_int, default=None,
                    help="refuse bundles larger than this (default: 4 GiB)")
-    v.set_defaults(func=_wrap(cmd_verify, "verify"))
+    v.set_defaults(func=command(cmd_verify, "bundle verify"))
 
     i = sub.add_parser("inspect", help="show what the manifest says (checks nothing; use verify for that)")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    i.add_argument("--max-bytes", type=_positive_int, default=None, help=argparse.SUPPRESS)
-    i.set_defaults(func=_wrap(cmd_inspect, "inspect"))
+    i.add_argument("--max-bytes", type=positive_int, default=None, help=argparse.SUPPRESS)
+    i.set_defaults(func=command(cmd_inspect, "bundle inspect"))
 
 
 def build_parser(prog: str = "tegrad") -> argparse.ArgumentParser:

@@ -126,9 +126,7 @@ class Rollouts:
                 version = await self._stage(op_id, path, work, seconds)
             if auto:
                 self.board.update(op_id, state=OP_ACTIVATING, progress="activating")
-                start = time.monotonic()
-                await self.activate(version.model, version.version)
-                seconds["activate"] = _observe("activate", start)
+                seconds["activate"] = await self.activate(version.model, version.version)
             self.board.update(op_id, state=SUCCEEDED, progress="", stage_seconds=dict(seconds))
             self.uploads.discard(self.board.get(op_id).upload_sha256)
         except asyncio.CancelledError:
@@ -207,7 +205,8 @@ class Rollouts:
 
     # -- activation -------------------------------------------------------------------------------
 
-    async def activate(self, model: str, version: int) -> None:
+    async def activate(self, model: str, version: int) -> float:
+        """Activate ``version``, then apply retention; the seconds the activation took."""
         self._writable()
         start = time.monotonic()
         try:
@@ -215,9 +214,10 @@ class Rollouts:
         except TegradError:
             metrics.ROLLOUT_OPERATIONS.labels("activate", "failed").inc()
             raise
-        _observe("activate", start)
+        took = _observe("activate", start)
         metrics.ROLLOUT_OPERATIONS.labels("activate", "succeeded").inc()
         await self.retain(model)
+        return took
 
     async def rollback(self, model: str) -> None:
         self._writable()
@@ -283,10 +283,8 @@ class Rollouts:
         out = []
         for model in sorted(names):
             records = {v.version: v for v in self.store.rollout_versions(model)}
-            on_disk = set()
-            if (self.root / model).is_dir():
-                on_disk = {int(p.name) for p in (self.root / model).iterdir()
-                           if p.is_dir() and p.name.isdigit() and int(p.name) > 0}
+            mdir = self.root / model
+            on_disk = set(layout.versions_on_disk(mdir)) if mdir.is_dir() else set()
             active, previous = self.store.rollout_model(model)
             versions = sorted(set(records) | on_disk | set(self.manager.versions(model)))
             out.append((model, active, previous, [(v, records.get(v)) for v in versions]))
