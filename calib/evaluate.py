@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from . import detection as det
+from .ort_exact import keep_exact
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -70,6 +71,7 @@ def session(model: onnx.ModelProto | str | os.PathLike | ort.InferenceSession, t
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    keep_exact(options, model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from calib.datasets import DataSource, Feed, SourceLike, as_source, batches
+from calib.ort_exact import keep_exact
 from calib.preprocess import PreprocessSpec
 
 DEFAULT_NUM_BINS = 2048
@@ -334,6 +335,7 @@ def _make_session(model: onnx.ModelProto, providers: list[str] | None, intra_op_
     # ONNX Runtime's arena keeps (and fragments) the largest outputs it ever returned: with every
     # activation fetched, that grows with the run rather than the model.
     so.enable_cpu_mem_arena = False
+    keep_exact(so, model)
     data = model.SerializeToString()
     return ort.InferenceSession(data, so, providers=providers or ["CPUExecutionProvider"])
 

@@ -32,7 +32,9 @@ Placement (``target="tensorrt"``, the portable graph):
 
 ``target="cpu"`` (ONNX Runtime on x86) uses the same grid with uint8 activations and zero
 point 128 (S8 ``q`` equals U8 ``q + 128``), because ONNX Runtime's x86 kernels are fast for
-U8 activations only. Its QDQ fusion needs DQ→op→Q units, so the CPU variant also:
+U8 activations only. Its weights are stored the same way (uint8, zero point 128): the U8U8
+kernels are exact on every x86, while the U8S8 ones saturate on CPUs without VNNI
+(``bench/u8_weights.py`` measures both). Its QDQ fusion needs DQ→op→Q units, so the CPU variant also:
 
 * moves the Q of a quantized tensor up to the weighted op that produces it when only
   value-preserving ops lie between (Relu/Clip/Pad/MaxPool/Reshape/...), and runs those ops on
@@ -335,6 +337,16 @@ def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.nda
     return q, scale
 
 
+def weights_to_u8(q: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same symmetric grid stored as uint8 with zero point 128 (S8 ``q`` is U8 ``q + 128``).
+
+    ONNX Runtime's x86 U8S8 kernels add pairs of u8×s8 products in int16 (``vpmaddubsw``) on
+    CPUs without VNNI, which saturates on full-range activations; its U8U8 kernels widen
+    first and are exact on every x86, so the CPU graph computes what TensorRT computes.
+    """
+    return (q.astype(np.int16) + 128).astype(np.uint8), (zero.astype(np.int16) + 128).astype(np.uint8)
+
+
 def insert_qdq(
     model: onnx.ModelProto,
     amax: Mapping[str, float],
@@ -393,9 +405,12 @@ def insert_qdq(
         key = (name, slot.axis)
         if key not in done:
             q, scale = quantize_weight(g.constant(name), slot.axis)
+            zero = np.zeros(scale.shape, np.int8)
+            if cpu:
+                q, zero = weights_to_u8(q, zero)
             q_name = g.add_initializer(f"{name}_quantized", q)
             s_name = g.add_initializer(f"{name}_scale", scale)
-            z_name = g.add_initializer(f"{name}_zero_point", np.zeros(scale.shape, np.int8))
+            z_name = g.add_initializer(f"{name}_zero_point", zero)
             dq_out = g.unique(f"{name}_dequantized")
             attrs = {"axis": slot.axis} if slot.axis is not None else {}
             before.append(

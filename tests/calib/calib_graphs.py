@@ -7,6 +7,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from calib.ort_exact import keep_exact
+
 OPSET = 13
 
 
@@ -104,7 +106,9 @@ def softmax_head(seed=0) -> onnx.ModelProto:
 
 
 def run(model: onnx.ModelProto, feeds) -> list[np.ndarray]:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    # As calib.evaluate runs them: TensorRT-form (S8) graphs without ORT's saturating fusion.
+    options = keep_exact(ort.SessionOptions(), model)
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     if isinstance(feeds, np.ndarray):
         feeds = {sess.get_inputs()[0].name: feeds}
     return sess.run(None, feeds)

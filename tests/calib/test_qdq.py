@@ -153,8 +153,14 @@ def test_cpu_variant_is_u8_on_the_same_grid(build):
             assert zp.dtype == np.uint8 and int(zp) == 128
             assert np.isclose(float(_init(g, node.input[1])), amax[_q_source(g, node, tensors)] / 127, rtol=1e-6)
         weight = g.initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if weight is not None and weight.data_type == TensorProto.INT8:
-            assert _attr(node, "axis") is not None  # weights stay S8 per-channel
+        if weight is not None and weight.data_type != TensorProto.INT32:
+            # weights: per-channel on TensorRT's symmetric grid, stored U8 + 128 (exact U8U8 kernels)
+            assert weight.data_type == TensorProto.UINT8 and _attr(node, "axis") is not None
+            zero = _init(g, node.input[2])
+            assert zero.dtype == np.uint8 and (zero == 128).all()
+            q_w = _init(g, node.input[0]).astype(np.int16) - 128
+            reduce = tuple(i for i in range(q_w.ndim) if i != _attr(node, "axis"))
+            assert q_w.min() >= -127 and (np.abs(q_w).max(axis=reduce) == 127).all()
     ref, a, b = G.run(model, x)[0], G.run(s8, x)[0], G.run(u8, x)[0]
     # same grid: the U8 graph reproduces the S8 graph up to rounding of the requantized outputs
     scale = np.abs(ref).max()
@@ -240,3 +246,34 @@ def test_cpu_variant_fuses_every_conv_in_onnx_runtime(tmp_path):
     # conv3 writes the model output, which stays float: ONNX Runtime cannot fuse that one
     assert ops.count("QLinearConv") == 3 and ops.count("Conv") == 1
     assert ops.count("Clip") == 2  # relu0/relu1 run as uint8 Clip between fused convs
+
+
+def test_s8_graphs_run_without_the_saturating_fusion_and_u8_graphs_keep_it():
+    from calib.ort_exact import has_signed_qdq
+
+    model = G.residual()
+    x = np.random.default_rng(10).standard_normal((1, 3, 6, 6)).astype(np.float32)
+    amax = G.observe_amax(model, x, qdq.activation_tensors_to_quantize(model))
+    assert has_signed_qdq(qdq.insert_qdq(G.residual(), amax, target="tensorrt"))
+    assert not has_signed_qdq(qdq.insert_qdq(G.residual(), amax, target="cpu"))
+    assert not has_signed_qdq(model)
+
+
+def test_full_range_int8_product_is_exact_on_both_targets():
+    # 64 inputs at ±amax and weights at ±127: pairs of u8×s8 products overflow int16, which is
+    # where ONNX Runtime's U8S8 kernels (vpmaddubsw, x86 without VNNI) saturate.
+    rng = np.random.default_rng(11)
+    w = np.where(rng.random((8, 64)) < 0.5, -1.0, 1.0).astype(np.float32)
+
+    def model():
+        nodes = [onnx.helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)]
+        return G._model(nodes, [G._x("x", ["N", 64])], [G._x("y", ["N", 8])], [numpy_helper.from_array(w, "w")])
+
+    x = np.where(rng.random((4, 64)) < 0.5, -1.0, 1.0).astype(np.float32)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    for target in qdq.TARGETS:
+        out = qdq.insert_qdq(model(), {"x": 1.0, "y": 64.0}, target=target)
+        got = G.run(out, x)[0]
+        # the CPU target requantizes y on its own amax (64/127 per step): at most half a step off
+        tol = 1e-4 if target == "tensorrt" else 64 / 127 / 2 + 1e-4
+        assert np.abs(got - exact).max() <= tol, target

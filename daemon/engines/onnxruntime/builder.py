@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from calib.ort_exact import keep_exact
 from daemon.config import ModelConfig
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -84,5 +85,6 @@ def build_artifact(lowered: Path, artifact: Path, options: dict[str, Any]) -> di
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
         so.optimized_model_filepath = str(artifact)
         so.intra_op_num_threads = 1
+        keep_exact(so, lowered)
         ort.InferenceSession(str(lowered), so, providers=options["providers"])
     return {"onnxruntime": ort.__version__, "graph_optimization": level}
