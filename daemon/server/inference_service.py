@@ -269,7 +269,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             why = ("tegrad opens no CUDA IPC handles; on a discrete GPU system shared memory costs one "
                    "host-to-device copy per tensor")
         await abort(context, Unimplemented(
-            f"CUDA shared memory is not supported: {why}; register system shared memory instead "
+            f"tegrad does not support CUDA shared memory: {why}; register system shared memory instead "
             "(SystemSharedMemoryRegister, with tegrad serve --allow-shared-memory)"))
 
     async def CudaSharedMemoryStatus(self, request, context):

@@ -48,8 +48,8 @@ _KEY = re.compile(r"/?(?!\.{1,2}$)[A-Za-z0-9._-]{1,250}")
 _NAME_MAX = 255
 _PARAMS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
 DISABLED = (
-    "system shared memory is off on this server; start tegrad serve with --allow-shared-memory "
-    "(Triton: --allow-client-shm=true) or send the tensor data in the request"
+    "this server does not support system shared memory unless started with tegrad serve --allow-shared-memory "
+    "(Triton: --allow-client-shm=true); send the tensor data in the request instead"
 )
 
 # Element sizes of the fixed-size KServe datatypes (BYTES is variable-length).
