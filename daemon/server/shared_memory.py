@@ -13,8 +13,9 @@ signal Python cannot turn into an exception. With ``pread`` the kernel does the 
 check: a shrunk object gives a short read, which fails only that request. Reading a
 1920x1080 frame that way is one memory copy into the tensor the engine is fed (no protobuf
 decode, no socket); it is the "one copy at most" the CPU backend and discrete GPUs allow.
-On a Jetson the window is page-locked and mapped into the GPU instead
-(:class:`daemon.processing.device.MappedHostWindow`); the CPU never touches those pages.
+For the GPU, :class:`daemon.processing.device.MappedHostWindow` page-locks a window and maps
+it into the GPU so kernels read it in place (:mod:`daemon.processing.gpu_shm`); the serving
+path does not use it yet and reads with ``pread`` on every device.
 
 Lifetime: every request holds a reference to each region it names from the moment its
 parameters are resolved until its response is built. Unregistering removes the name at

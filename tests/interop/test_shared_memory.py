@@ -206,6 +206,29 @@ def test_mixed_request_shared_memory_input_and_bytes_output(client, regions):
     np.testing.assert_array_equal(result.as_numpy("logits"), _digits_known_good(client, x))
 
 
+def test_stream_requests_use_shared_memory_too(client, regions):
+    import queue
+
+    x = _digits(2, seed=9)
+    expected = _digits_known_good(client, x)
+    key, h = regions.create(4096, "stream")
+    shm.set_shared_memory_region(h, [x])
+    client.register_system_shared_memory("stream", key, 4096)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer("digits", [_shm_input("input", "FP32", x.shape, "stream", x.nbytes)],
+                                  outputs=[_shm_output("logits", "stream", 80, offset=2048)], request_id="ok")
+        client.async_stream_infer("digits", [_shm_input("input", "FP32", x.shape, "absent", x.nbytes)],
+                                  request_id="bad")
+        got = dict((r.get_response().id if r is not None else "bad", (r, e)) for r, e in
+                   (answers.get(timeout=30), answers.get(timeout=30)))
+    finally:
+        client.stop_stream()
+    assert got["ok"][1] is None and "absent" in str(got["bad"][1])
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(h, np.float32, [2, 10], offset=2048), expected)
+
+
 def _png_digits(n: int) -> list[bytes]:
     x = _digits(n, seed=7)
     return [cv2.imencode(".png", np.clip(img[0] * 255, 0, 255).astype(np.uint8))[1].tobytes() for img in x]
