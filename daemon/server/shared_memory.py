@@ -302,6 +302,12 @@ class SharedMemoryRegistry:
         except FileNotFoundError:
             raise NotFound(f"{what}: no shared memory object '{key}' exists (shm_open found nothing); "
                            "create it before registering") from None
+        except PermissionError:
+            raise InvalidArgument(
+                f"{what}: tegrad (uid {os.getuid()}) may not open shared memory object '{key}' for reading and "
+                "writing; tritonclient creates objects with mode 0600, so give tegrad's user or group access "
+                f"(e.g. chgrp and chmod 0660 {path})"
+            ) from None
         except OSError as exc:
             raise InvalidArgument(f"{what}: cannot open shared memory object '{key}': {exc.strerror}") from None
         try:
