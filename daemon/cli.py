@@ -45,6 +45,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--build-jobs", type=int, default=1,
                    help="engine builds that may run at once, each in its own worker process (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s = p.add_argument_group("system shared memory (Triton's extension)")
+    s.add_argument("--allow-shared-memory", action="store_true",
+                   help="let local clients register POSIX shared-memory regions for tensors (Triton: --allow-client-shm)")
+    s.add_argument("--shared-memory-max-regions", type=int, default=64,
+                   help="most regions registered at once (default: %(default)s)")
+    s.add_argument("--shared-memory-max-mb", type=float, default=1024,
+                   help="largest total size of the registered regions (default: %(default)s)")
     r = p.add_argument_group("rollouts (admin API, signed bundles)")
     r.add_argument("--admin-socket", default=None, metavar="PATH",
                    help="Unix socket of the admin API, owner-only (default: <state-dir>/admin.sock; '' turns it off)")
@@ -96,6 +103,9 @@ def _serve(args) -> int:
         auto_activate=args.auto_activate,
         dropbox=args.dropbox,
         max_bundle_bytes=int(args.max_bundle_mb * (1 << 20)),
+        allow_shared_memory=args.allow_shared_memory,
+        shared_memory_max_regions=args.shared_memory_max_regions,
+        shared_memory_max_bytes=int(args.shared_memory_max_mb * (1 << 20)),
     )
     return asyncio.run(serve(opts))
 

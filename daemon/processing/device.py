@@ -134,3 +134,51 @@ class HostResult:
 
 def elapsed_ms(start, end) -> float:
     return float(start.time_till(end))
+
+
+class MappedHostWindow:
+    """A window ``[offset, offset + nbytes)`` of a file (a client's shared-memory object), mapped
+    into this process, page-locked and mapped into the GPU (``cuMemHostRegister`` with
+    ``DEVICEMAP``), so kernels read the client's bytes in place at ``device_ptr``.
+
+    On an integrated GPU (Jetson) this is the zero-copy path: CPU and GPU share DRAM and the
+    kernel reads the frame where the app wrote it. Only the window is mapped. The host side
+    should not read ``host``: a client that shrinks its object makes host access past the new
+    end fault (SIGBUS), while the GPU keeps reading the pages it pinned. ``close`` unregisters
+    and unmaps, in this context.
+    """
+
+    def __init__(self, gpu: Gpu, fd: int, offset: int, nbytes: int) -> None:
+        import mmap
+
+        if nbytes <= 0:
+            raise ValueError("a mapped window needs at least one byte")
+        # mmap offsets must be page multiples: map from the page the window starts in.
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        self._skip = offset - start
+        self.gpu = gpu
+        self.nbytes = nbytes
+        self._map = mmap.mmap(fd, self._skip + nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                              offset=start)
+        whole = None
+        try:
+            with gpu.active() as cuda:
+                whole = np.frombuffer(self._map, np.uint8)
+                self._registered = cuda.register_host_memory(whole, flags=cuda.mem_host_register_flags.DEVICEMAP)
+                self.device_ptr = int(self._registered.base.get_device_pointer()) + self._skip
+        except BaseException:
+            whole = None  # noqa: F841  (the view pins the mapping's buffer; mmap will not close under it)
+            self._map.close()
+            raise
+        self.host = self._registered[self._skip:]
+        self._closed = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self.gpu.active():
+            self._registered.base.unregister()
+        # The numpy views export the mapping's buffer; mmap refuses to close while they live.
+        self.host = self._registered = None
+        self._map.close()

@@ -32,6 +32,7 @@ from daemon.server import tls
 from daemon.server.admin_service import AdminService
 from daemon.server.inference_service import InferenceService
 from daemon.server.lifecycle import Lifecycle, sd_notify, watchdog_interval
+from daemon.server.shared_memory import Limits, SharedMemoryRegistry
 
 log = logging.getLogger("tegrad")
 
@@ -67,6 +68,11 @@ class ServeOptions:
     auto_activate: bool = False
     dropbox: Path | None = None
     max_bundle_bytes: int = 4 << 30
+    # Triton's system shared-memory extension (--allow-client-shm in Triton): off by default,
+    # because a registered region lets a local client map memory into the daemon.
+    allow_shared_memory: bool = False
+    shared_memory_max_regions: int = 64
+    shared_memory_max_bytes: int = 1 << 30
 
 
 class Health(HealthServicer):
@@ -159,7 +165,9 @@ async def serve(opts: ServeOptions) -> int:
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(models, lifecycle), server)
+    shared_memory = SharedMemoryRegistry(opts.allow_shared_memory, Limits(opts.shared_memory_max_regions,
+                                                                          opts.shared_memory_max_bytes))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(models, lifecycle, shared_memory), server)
     health = Health(lifecycle)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -222,6 +230,7 @@ async def serve(opts: ServeOptions) -> int:
         await admin[0].stop(grace=_STREAM_GRACE_S)
     await rollouts.stop()
     await models.shutdown()
+    shared_memory.close()
     for task in background:
         task.cancel()
     metrics_server.shutdown()

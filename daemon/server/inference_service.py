@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import grpc
@@ -16,6 +17,7 @@ from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
 from daemon.repository.manager import LoadedVersion, ModelManager
 from daemon.server import tensors, triton_config
 from daemon.server.errors import abort, outcome_of, status_of
+from daemon.server.shared_memory import NO_REGIONS, SharedMemoryRegistry
 
 log = logging.getLogger("tegrad.server")
 
@@ -58,9 +60,11 @@ def _batch_size(lv: LoadedVersion, inputs: dict) -> None:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelManager, lifecycle) -> None:
+    def __init__(self, models: ModelManager, lifecycle, shared_memory: SharedMemoryRegistry | None = None) -> None:
         self.models = models
         self.lifecycle = lifecycle
+        self.shared_memory = shared_memory or SharedMemoryRegistry(enabled=False)
+        self.extensions = EXTENSIONS + (["system_shared_memory"] if self.shared_memory.enabled else [])
 
     # -- health and metadata --------------------------------------------------------------------
 
@@ -78,7 +82,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=not self.lifecycle.draining)
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="tegrad", version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name="tegrad", version=__version__, extensions=self.extensions)
 
     async def ModelMetadata(self, request, context):
         try:
@@ -155,8 +159,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         lv = self.models.resolve(request.model_name, request.model_version)
         lv.acquire()
         lv.stats.inflight.inc()
+        regions = NO_REGIONS
         try:
-            inputs = tensors.decode_inputs(request, lv.inputs)
+            regions = self.shared_memory.attach(request)
+            inputs = tensors.decode_inputs(request, lv.inputs, regions.inputs)
             if isinstance(lv.engine, ProcessedEngine):
                 inputs = await lv.engine.admit(inputs)
             _batch_size(lv, inputs)
@@ -166,7 +172,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             outputs, timing = await lv.scheduler.infer(inputs, deadline)
             encode_start = time.perf_counter_ns()
             response = pb.ModelInferResponse(model_name=lv.name, model_version=str(lv.version), id=request.id)
-            tensors.encode_response(response, wanted, outputs, lv.batched)
+            tensors.encode_response(response, wanted, outputs, lv.batched, regions.outputs)
             end = time.perf_counter_ns()
             batch = int(next(iter(inputs.values())).shape[0]) if lv.batched else 1
             lv.stats.request_done(
@@ -183,6 +189,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             lv.stats.request_failed(outcome_of(code), time.perf_counter_ns() - start)
             raise
         finally:
+            regions.release()
             lv.stats.inflight.dec()
             lv.release()
 
@@ -227,28 +234,54 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             for task in pending:
                 task.cancel()
 
-    # -- not offered ---------------------------------------------------------------------------------
-
-    async def _unimplemented(self, context, what: str):
-        await abort(context, Unimplemented(f"tegrad does not support {what}; send tensor data in the request itself"))
+    # -- system shared memory (Triton's extension; daemon/server/shared_memory.py) ---------------------
 
     async def SystemSharedMemoryStatus(self, request, context):
-        await self._unimplemented(context, "system shared memory")
+        try:
+            regions = self.shared_memory.status(request.name)
+            Status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+            return pb.SystemSharedMemoryStatusResponse(regions={
+                r.name: Status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size) for r in regions
+            })
+        except Exception as exc:
+            await abort(context, exc)
 
     async def SystemSharedMemoryRegister(self, request, context):
-        await self._unimplemented(context, "system shared memory")
+        try:
+            region = self.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+            log.info("shared memory region %r registered: key %s, bytes %d..%d", region.name, region.key,
+                     region.offset, region.offset + region.byte_size)
+            return pb.SystemSharedMemoryRegisterResponse()
+        except Exception as exc:
+            await abort(context, exc)
 
     async def SystemSharedMemoryUnregister(self, request, context):
-        await self._unimplemented(context, "system shared memory")
+        try:
+            self.shared_memory.unregister(request.name)
+            return pb.SystemSharedMemoryUnregisterResponse()
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def _no_cuda_shared_memory(self, context):
+        if os.path.exists("/etc/nv_tegra_release"):
+            why = "a Jetson (Tegra) has no CUDA IPC, so there is no CUDA shared memory to map"
+        else:
+            why = ("tegrad opens no CUDA IPC handles; on a discrete GPU system shared memory costs one "
+                   "host-to-device copy per tensor")
+        await abort(context, Unimplemented(
+            f"tegrad does not support CUDA shared memory: {why}; register system shared memory instead "
+            "(SystemSharedMemoryRegister, with tegrad serve --allow-shared-memory)"))
 
     async def CudaSharedMemoryStatus(self, request, context):
-        await self._unimplemented(context, "CUDA shared memory")
+        await self._no_cuda_shared_memory(context)
 
     async def CudaSharedMemoryRegister(self, request, context):
-        await self._unimplemented(context, "CUDA shared memory")
+        await self._no_cuda_shared_memory(context)
 
     async def CudaSharedMemoryUnregister(self, request, context):
-        await self._unimplemented(context, "CUDA shared memory")
+        await self._no_cuda_shared_memory(context)
+
+    # -- not offered ---------------------------------------------------------------------------------
 
     async def TraceSetting(self, request, context):
         await abort(context, Unimplemented("tegrad does not support trace settings; use the Prometheus metrics on the metrics port"))

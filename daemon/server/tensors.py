@@ -168,12 +168,17 @@ def _names(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"'{s.name}'" for s in specs) or "(none)"
 
 
-def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+def decode_inputs(
+    request: pb.ModelInferRequest, specs: Sequence[TensorSpec], in_shared_memory: dict | None = None
+) -> dict[str, np.ndarray]:
     """Turn ``request.inputs`` into numpy arrays checked against the model's ``specs``.
 
     Raw inputs become zero-copy, read-only views of ``raw_input_contents``; typed
     contents are converted (and range-checked where the wire type is wider).
+    ``in_shared_memory`` maps inputs read from shared memory to their raw bytes; as in
+    Triton, ``raw_input_contents`` then holds entries for the other inputs only.
     """
+    in_shm = in_shared_memory or {}
     by_name = {spec.name: spec for spec in specs}
     inputs = request.inputs
 
@@ -220,23 +225,27 @@ def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) ->
 
     raw = request.raw_input_contents
     if raw:
-        typed = [inp.name for inp, fields in zip(inputs, typed_fields, strict=True) if fields]
+        typed = [inp.name for inp, fields in zip(inputs, typed_fields, strict=True) if fields and inp.name not in in_shm]
         if typed:
             raise InvalidArgument(
                 f"input '{typed[0]}' sets typed contents while the request also uses raw_input_contents; "
                 "send every input one way or the other"
             )
-        if len(raw) != len(inputs):
+        if len(raw) != len(inputs) - len(in_shm):
             raise InvalidArgument(
-                f"the request has {len(raw)} raw_input_contents entries for {len(inputs)} inputs; "
-                "send exactly one per input, in inputs order"
+                f"the request has {len(raw)} raw_input_contents entries for {len(inputs) - len(in_shm)} inputs "
+                "not in shared memory; send exactly one per input, in inputs order"
             )
 
     out: dict[str, np.ndarray] = {}
+    next_raw = 0
     for i, inp in enumerate(inputs):
         spec = by_name[inp.name]
-        if raw:
-            out[inp.name] = _decode_raw(inp.name, spec.datatype, shapes[i], raw[i])
+        if inp.name in in_shm:
+            out[inp.name] = _decode_raw(inp.name, spec.datatype, shapes[i], in_shm[inp.name])
+        elif raw:
+            out[inp.name] = _decode_raw(inp.name, spec.datatype, shapes[i], raw[next_raw])
+            next_raw += 1
         else:
             out[inp.name] = _decode_typed(inp, spec.datatype, shapes[i], typed_fields[i])
     return out
@@ -423,12 +432,25 @@ def encode_response(
     outputs: list[tuple[TensorSpec, int | None]],
     arrays: dict[str, np.ndarray],
     batched: bool,
+    in_shared_memory: dict | None = None,
 ) -> None:
     """Append each requested output to ``response`` as raw data, in ``outputs`` order.
 
     Data always goes to ``raw_output_contents`` (never typed contents): tritonclient's
-    ``as_numpy`` reads raw data and it avoids a per-element conversion.
+    ``as_numpy`` reads raw data and it avoids a per-element conversion. Outputs named in
+    ``in_shared_memory`` (name -> window with ``write``) go there instead and, as in Triton,
+    keep an empty ``raw_output_contents`` entry so the indices still line up.
     """
+    windows = in_shared_memory or {}
+
+    def append(name: str, data) -> None:
+        window = windows.get(name)
+        if window is None:
+            response.raw_output_contents.append(data if isinstance(data, bytes) else data.tobytes())
+        else:
+            window.write(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data)
+            response.raw_output_contents.append(b"")
+
     for spec, k in outputs:
         try:
             arr = arrays[spec.name]
@@ -449,7 +471,7 @@ def encode_response(
         tensor.datatype = spec.datatype
         tensor.shape.extend(arr.shape)
         if spec.datatype == "BYTES":
-            response.raw_output_contents.append(serialize_bytes_tensor(arr))
+            append(spec.name, serialize_bytes_tensor(arr))
             continue
         wire = _WIRE_DTYPE[spec.datatype]
         if arr.dtype != wire:
@@ -457,4 +479,4 @@ def encode_response(
             # narrow (or hand back a big-endian view); the client trusts the datatype.
             arr = arr.astype(wire)
         # tobytes() emits C order for any layout, so non-contiguous views need no special case.
-        response.raw_output_contents.append(arr.tobytes())
+        append(spec.name, arr)

@@ -122,6 +122,15 @@ ACTIVE_VERSION = Gauge(
     ["model"],
 )
 
+SHARED_MEMORY_REGIONS = Gauge(
+    "tegrad_shared_memory_regions",
+    "System shared-memory regions registered by clients (Triton's shared-memory extension).",
+)
+SHARED_MEMORY_BYTES = Gauge(
+    "tegrad_shared_memory_bytes",
+    "Total byte size of the registered system shared-memory regions.",
+)
+
 
 def set_validation_scores(model: str, version: str, scores: dict[str, float]) -> None:
     for metric, value in scores.items():
