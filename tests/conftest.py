@@ -14,16 +14,22 @@ from pathlib import Path
 from daemon.engines.availability import cuda_unavailable, tensorrt_unavailable
 
 INTEROP = Path(__file__).parent / "interop"
+# The fuzz suite drives the daemon with tritonclient's messages too, so it runs apart as well.
+APART = (INTEROP, Path(__file__).parent / "fuzz")
+
+
+def _apart(path: Path) -> bool:
+    return any(path == d or d in path.parents for d in APART)
 
 
 def _targets_interop_only(config) -> bool:
     args = [Path(str(a).split("::")[0]).resolve() for a in config.args] or [Path.cwd()]
-    return all(p == INTEROP or INTEROP in p.parents for p in args)
+    return all(_apart(p) for p in args)
 
 
 def pytest_ignore_collect(collection_path, config):
     path = Path(collection_path)
-    if (path == INTEROP or INTEROP in path.parents) and not _targets_interop_only(config):
+    if _apart(path) and not _targets_interop_only(config):
         return True
     return None
 
