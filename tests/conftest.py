@@ -1,10 +1,10 @@
 """Shared pytest set-up.
 
 tritonclient and tegrad's generated modules both define the protobuf package
-``inference`` and cannot live in one process, so ``tests/interop`` (which
-imports tritonclient and runs tegrad as a separate process) is collected only
-when pytest is pointed at it: ``make test`` runs the two sessions one after
-the other.
+``inference`` and cannot live in one process, so ``tests/interop`` and
+``tests/fuzz`` (which import tritonclient and run tegrad as a separate process)
+are collected only when pytest is pointed at them: ``make test`` runs the
+sessions one after the other.
 """
 
 from __future__ import annotations

@@ -64,6 +64,11 @@ def fuzz_server(tmp_path_factory):
     server = start_server(repository=root, state_dir=tmp_path_factory.mktemp("fuzz_state"))
     yield Daemon(server)
     assert server.stop() == 0, server.log()
+    # Client mistakes are answered, not crashed on: no exception escaped into the log either
+    # (a swallowed task error or a handler traceback would show here and nowhere else).
+    log = server.log()
+    at = log.find("Traceback")
+    assert at < 0, "the daemon logged a traceback while being fuzzed:\n" + log[max(0, at - 300):at + 1500]
 
 
 @pytest.fixture(scope="session")
