@@ -32,6 +32,7 @@ lint: $(VENV)/.installed-test
 test: lint
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest tests/interop
+	$(BIN)/python -m pytest tests/fuzz
 
 protos: $(VENV)/.installed-test
 	$(BIN)/python -m daemon.protogen.generate

@@ -1,10 +1,10 @@
 """Shared pytest set-up.
 
 tritonclient and tegrad's generated modules both define the protobuf package
-``inference`` and cannot live in one process, so ``tests/interop`` (which
-imports tritonclient and runs tegrad as a separate process) is collected only
-when pytest is pointed at it: ``make test`` runs the two sessions one after
-the other.
+``inference`` and cannot live in one process, so ``tests/interop`` and
+``tests/fuzz`` (which import tritonclient and run tegrad as a separate process)
+are collected only when pytest is pointed at them: ``make test`` runs the
+sessions one after the other.
 """
 
 from __future__ import annotations
@@ -14,16 +14,22 @@ from pathlib import Path
 from daemon.engines.availability import cuda_unavailable, tensorrt_unavailable
 
 INTEROP = Path(__file__).parent / "interop"
+# The fuzz suite drives the daemon with tritonclient's messages too, so it runs apart as well.
+APART = (INTEROP, Path(__file__).parent / "fuzz")
+
+
+def _apart(path: Path) -> bool:
+    return any(path == d or d in path.parents for d in APART)
 
 
 def _targets_interop_only(config) -> bool:
     args = [Path(str(a).split("::")[0]).resolve() for a in config.args] or [Path.cwd()]
-    return all(p == INTEROP or INTEROP in p.parents for p in args)
+    return all(_apart(p) for p in args)
 
 
 def pytest_ignore_collect(collection_path, config):
     path = Path(collection_path)
-    if (path == INTEROP or INTEROP in path.parents) and not _targets_interop_only(config):
+    if _apart(path) and not _targets_interop_only(config):
         return True
     return None
 

@@ -333,6 +333,18 @@ def test_negative_request_dim():
     assert_invalid(lambda: decode_inputs(req, SPECS), "input 'input'", "negative")
 
 
+@pytest.mark.parametrize("shape", [(0, 2**62), (2**40, 0, 2**40), (0, 2**63 - 1)])
+def test_empty_tensor_with_absurd_dims_is_refused(shape):
+    # 0 elements need 0 bytes, but numpy cannot build such a shape: found by tests/fuzz.
+    spec = TensorSpec("x", "FP32", (-1,) * len(shape))
+    req = pb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="x", datatype="FP32", shape=shape)
+    req.raw_input_contents.append(b"")
+    assert_invalid(lambda: decode_inputs(req, [spec]), "input 'x'", "more elements")
+    del req.raw_input_contents[:]
+    assert_invalid(lambda: decode_inputs(req, [spec]), "input 'x'", "more elements")
+
+
 def test_raw_and_typed_in_one_request():
     req = raw_request(good_arrays(1))
     req.inputs[1].contents.bool_contents.extend([True] * 3)

@@ -77,6 +77,10 @@ _NARROWED = {"INT8", "INT16", "UINT8", "UINT16"}
 # here because FP16 engines are the norm on Jetson.
 _CLASSIFIABLE = set(_WIRE_DTYPE) - {"BOOL"}
 
+# No request carries 2^48 elements; a shape beyond that with a zero dimension passes the byte
+# count check (0 bytes) but numpy cannot represent it, so it is refused up front.
+_MAX_ELEMENTS = 2**48
+
 
 # --------------------------------------------------------------------------- BYTES
 
@@ -214,6 +218,11 @@ def decode_inputs(
             raise InvalidArgument(
                 f"input '{inp.name}': shape {_fmt_shape(shape)} has a negative dimension; "
                 "request shapes must give every dimension's actual size"
+            )
+        if math.prod(d or 1 for d in shape) > _MAX_ELEMENTS:
+            raise InvalidArgument(
+                f"input '{inp.name}': shape {_fmt_shape(shape)} describes more elements than any request "
+                f"can carry (at most {_MAX_ELEMENTS} per tensor)"
             )
         if not spec.accepts_shape(shape):
             raise InvalidArgument(
