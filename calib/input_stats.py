@@ -2,16 +2,23 @@
 
 Recorded by :func:`calib.observe.observe` into the calibration cache's provenance
 (``source["input_stats"]``), and recomputed by the daemon's precision monitor over live
-traffic. Per channel: mean, std and a histogram over fixed bin edges (the calibration
-data's quantiles, so each bin holds about the same share of the calibration values).
+traffic. The unit is the sample, not the pixel: the values of one image are strongly
+correlated, so pooled pixel histograms of two halves of the same photo collection already
+differ by a PSI of 0.6. Per channel (colour channel of an image batch, else the whole
+sample) each sample gives two features, its mean and its standard deviation; per feature the
+statistics keep a histogram over fixed bins (quantiles of the calibration samples).
 
-Drift is the population stability index (PSI) between the calibration histogram ``r`` and
-the live one ``l``, per channel, averaged over channels::
+Drift is the population stability index (PSI) of each feature between the calibration
+histogram and the live window, averaged over the features. Shares are smoothed (half a
+count added per bin) and the value expected from sampling alone, ``(bins - 1) * (1/n_live +
+1/n_calibration)``, is subtracted (floored at 0), so a small window of unchanged inputs
+reads near 0 instead of a large number::
 
-    PSI = sum_b (l_b - r_b) * ln(l_b / r_b)      (shares clipped at 1e-4)
+    PSI_f = sum_b (l_b - r_b) * ln(l_b / r_b) - (B_f - 1) * (1/n + 1/m)
+    score = mean_f max(PSI_f, 0)
 
-Conventional reading: below 0.1 the distributions match (small), 0.1 to 0.25 moderate
-drift, 0.25 and above large drift: calibration ranges no longer describe the input.
+Reading: below 0.1 small (the inputs look like the calibration set), 0.1 to 0.25 moderate,
+0.25 and above large: the calibration ranges may no longer describe the field.
 """
 
 from __future__ import annotations
@@ -20,13 +27,11 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = "tegrad-input-stats/1"
-NUM_BINS = 16
+FORMAT = "tegrad-input-stats/2"
+NUM_BINS = 10
 PSI_SMALL = 0.1
 PSI_LARGE = 0.25
-_EPS = 1e-4
-# Values kept per channel to place the quantile edges: enough for 16 bins, bounded memory.
-_KEEP = 1 << 16
+FEATURES = ("mean", "std")
 
 
 def channel_axis(shape: tuple[int, ...]) -> int | None:
@@ -43,7 +48,7 @@ def channel_axis(shape: tuple[int, ...]) -> int | None:
 
 
 def per_channel(x: np.ndarray) -> np.ndarray:
-    """``x`` (batch first) as a [channels, values] float array."""
+    """One sample ``x`` (batch dimension of 1 or none kept first) as [channels, values]."""
     x = np.asarray(x)
     axis = channel_axis(x.shape)
     if axis is None:
@@ -51,79 +56,85 @@ def per_channel(x: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).astype(np.float64, copy=False)
 
 
-class InputStatsBuilder:
-    """Streaming accumulation over batches of one input; :meth:`result` is JSON-safe."""
+def features(batch: np.ndarray) -> np.ndarray:
+    """[samples, 2 * channels]: each sample's per-channel mean, then its per-channel std."""
+    batch = np.asarray(batch)
+    rows = []
+    for i in range(batch.shape[0]):
+        v = per_channel(batch[i:i + 1])
+        rows.append(np.concatenate([v.mean(axis=1), v.std(axis=1)]))
+    return np.stack(rows) if rows else np.zeros((0, 0))
 
-    def __init__(self, seed: int = 0) -> None:
-        self._rng = np.random.default_rng(seed)
-        self._sum: np.ndarray | None = None
-        self._sq: np.ndarray | None = None
-        self._n = 0
-        self._kept: list[np.ndarray] = []
+
+class InputStatsBuilder:
+    """Accumulates over batches of one input; :meth:`result` is JSON-safe (None if empty)."""
+
+    def __init__(self) -> None:
+        self._rows: list[np.ndarray] = []
         self._shape: tuple[int, ...] | None = None
 
-    def update(self, x: np.ndarray) -> None:
-        v = per_channel(x)
-        if self._sum is None:
-            self._sum, self._sq = np.zeros(v.shape[0]), np.zeros(v.shape[0])
-            self._shape = tuple(int(d) for d in np.asarray(x).shape[1:])
-        elif v.shape[0] != self._sum.shape[0]:
-            raise ValueError(f"input stats: {v.shape[0]} channels after {self._sum.shape[0]}")
-        self._sum += v.sum(axis=1)
-        self._sq += np.square(v).sum(axis=1)
-        self._n += v.shape[1]
-        take = min(v.shape[1], _KEEP)
-        idx = self._rng.choice(v.shape[1], size=take, replace=False) if take < v.shape[1] else slice(None)
-        self._kept.append(v[:, idx])
-        if sum(k.shape[1] for k in self._kept) > 2 * _KEEP:
-            allv = np.concatenate(self._kept, axis=1)
-            self._kept = [allv[:, self._rng.choice(allv.shape[1], size=_KEEP, replace=False)]]
+    def update(self, batch: np.ndarray) -> None:
+        batch = np.asarray(batch)
+        if self._shape is None:
+            self._shape = tuple(int(d) for d in batch.shape[1:])
+        f = features(batch)
+        if self._rows and f.shape[1] != self._rows[0].shape[1]:
+            raise ValueError(f"input stats: {f.shape[1] // 2} channels after {self._rows[0].shape[1] // 2}")
+        self._rows.append(f)
 
     def result(self) -> dict[str, Any] | None:
-        if self._sum is None or self._n == 0:
+        if not self._rows:
             return None
-        values = np.concatenate(self._kept, axis=1)
-        mean = self._sum / self._n
-        std = np.sqrt(np.maximum(self._sq / self._n - mean ** 2, 0.0))
-        channels = []
-        for c in range(values.shape[0]):
-            qs = np.quantile(values[c], np.linspace(0, 1, NUM_BINS + 1)[1:-1])
-            edges = np.unique(qs)
-            counts = np.bincount(np.searchsorted(edges, values[c], side="right"), minlength=edges.size + 1)
-            channels.append({
-                "mean": float(mean[c]), "std": float(std[c]),
-                "edges": [float(e) for e in edges],
-                "shares": [float(s) for s in counts / counts.sum()],
-            })
-        return {"format": FORMAT, "shape": list(self._shape or ()), "values": int(self._n), "channels": channels}
+        f = np.concatenate(self._rows)
+        if f.shape[0] == 0:
+            return None
+        channels = f.shape[1] // 2
+        feats = []
+        for j in range(f.shape[1]):
+            edges = np.unique(np.quantile(f[:, j], np.linspace(0, 1, NUM_BINS + 1)[1:-1]))
+            counts = np.bincount(np.searchsorted(edges, f[:, j], side="right"), minlength=edges.size + 1)
+            feats.append({"feature": f"{FEATURES[j // channels]}[{j % channels}]",
+                          "edges": [float(e) for e in edges], "counts": [int(c) for c in counts]})
+        return {"format": FORMAT, "shape": list(self._shape or ()), "samples": int(f.shape[0]),
+                "channels": channels,
+                "mean": [float(v) for v in f[:, :channels].mean(axis=0)],
+                "std": [float(v) for v in f[:, channels:].mean(axis=0)],
+                "features": feats}
 
 
-def histogram(x: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
-    """Counts of ``x`` in each calibration bin: [channels, bins] (ragged bins padded with 0)."""
-    v = per_channel(x)
-    chans = stats["channels"]
-    if v.shape[0] != len(chans):
-        raise ValueError(f"input has {v.shape[0]} channels, the calibration statistics {len(chans)}")
-    width = max(len(c["shares"]) for c in chans)
-    out = np.zeros((len(chans), width), dtype=np.int64)
-    for c, ch in enumerate(chans):
-        edges = np.asarray(ch["edges"], dtype=np.float64)
-        counts = np.bincount(np.searchsorted(edges, v[c], side="right"), minlength=edges.size + 1)
-        out[c, : counts.size] = counts
+def usable(stats: Any) -> bool:
+    return isinstance(stats, dict) and stats.get("format") == FORMAT and bool(stats.get("features"))
+
+
+def histogram(batch: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
+    """Counts of ``batch``'s samples in each calibration bin: [features, bins] (padded with 0)."""
+    f = features(batch)
+    feats = stats["features"]
+    if f.shape[1] != len(feats):
+        raise ValueError(f"input has {f.shape[1] // 2} channels, the calibration statistics {stats['channels']}")
+    width = max(len(s["counts"]) for s in feats)
+    out = np.zeros((len(feats), width), dtype=np.int64)
+    for j, s in enumerate(feats):
+        counts = np.bincount(np.searchsorted(np.asarray(s["edges"]), f[:, j], side="right"),
+                             minlength=len(s["counts"]))
+        out[j, : counts.size] = counts
     return out
 
 
 def psi(stats: dict[str, Any], counts: np.ndarray) -> float:
-    """Mean PSI over channels between the calibration shares and live ``counts`` ([channels, bins])."""
+    """The drift score of live ``counts`` ([features, bins]) against the calibration statistics."""
     scores = []
-    for c, ch in enumerate(stats["channels"]):
-        ref = np.clip(np.asarray(ch["shares"], dtype=np.float64), _EPS, None)
-        live = counts[c, : ref.size].astype(np.float64)
-        total = live.sum()
-        if total == 0:
+    for j, s in enumerate(stats["features"]):
+        ref = np.asarray(s["counts"], dtype=np.float64)
+        bins = ref.size
+        live = counts[j, :bins].astype(np.float64)
+        n, m = live.sum(), ref.sum()
+        if n == 0 or m == 0:
             continue
-        live = np.clip(live / total, _EPS, None)
-        scores.append(float(np.sum((live - ref) * np.log(live / ref))))
+        l_share = (live + 0.5) / (n + 0.5 * bins)
+        r_share = (ref + 0.5) / (m + 0.5 * bins)
+        value = float(np.sum((l_share - r_share) * np.log(l_share / r_share)))
+        scores.append(max(value - (bins - 1) * (1.0 / n + 1.0 / m), 0.0))
     return float(np.mean(scores)) if scores else 0.0
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from calib import input_stats
 from daemon.monitor.compare import task_of
 from daemon.monitor.monitor import PrecisionMonitor
 
@@ -49,8 +50,10 @@ def attach(engine, config, *, model: str, version: int, model_file: Path, config
 
         cache = CalibrationCache.load(Path(config_dir) / config.calibration_cache)
         amax = cache.amax
-        stats = cache.source.get("input_stats") if isinstance(cache.source.get("input_stats"), dict) else None
-        if stats is None:
+        recorded = cache.source.get("input_stats")
+        stats = {k: v for k, v in recorded.items() if input_stats.usable(v)} if isinstance(recorded, dict) else None
+        if not stats:
+            stats = None
             log.info("model %s/%d: calibration cache %s has no input statistics (made before tegrad recorded "
                      "them): no input drift score; recalibrate to get one", model, version, config.calibration_cache)
     task = task_of(config, [o.name for o in engine.outputs])

@@ -37,12 +37,15 @@ def test_input_stats_separate_held_out_data_from_shifted_data():
     for chunk in np.array_split(_digits("calib"), 4):
         builder.update(chunk)
     stats = json.loads(json.dumps(builder.result()))  # survives the cache's JSON
-    assert stats["shape"] == [1, 8, 8] and len(stats["channels"]) == 1
-    ch = stats["channels"][0]
-    assert abs(sum(ch["shares"]) - 1) < 1e-9 and len(ch["shares"]) == len(ch["edges"]) + 1
+    assert stats["shape"] == [1, 8, 8] and stats["channels"] == 1 and stats["samples"] == 256
+    assert [f["feature"] for f in stats["features"]] == ["mean[0]", "std[0]"]
+    for f in stats["features"]:
+        assert sum(f["counts"]) == 256 and len(f["counts"]) == len(f["edges"]) + 1
     held = _digits("heldout")
-    assert _psi_of(stats, held) < input_stats.PSI_SMALL
-    for shifted in (held * 4, held * 0.25, np.random.default_rng(0).random(held.shape, dtype=np.float32)):
+    for n in (20, 100, 450):  # unchanged inputs read small at any window size
+        assert _psi_of(stats, held[:n]) < input_stats.PSI_SMALL, n
+    rng = np.random.default_rng(0)
+    for shifted in (held[:100] * 4, held[:100] * 0.25, rng.random((100, 1, 8, 8), dtype=np.float32)):
         assert _psi_of(stats, shifted) >= input_stats.PSI_LARGE
     assert input_stats.drift_level(0.05) == "small" and input_stats.drift_level(0.3) == "large"
 
@@ -52,8 +55,10 @@ def test_image_batches_keep_their_colour_channels():
     b = input_stats.InputStatsBuilder()
     b.update(np.concatenate([rng.normal(0, 1, (4, 1, 16, 16)), rng.normal(5, 2, (4, 1, 16, 16)),
                              rng.normal(-3, 0.5, (4, 1, 16, 16))], axis=1))
-    means = [c["mean"] for c in b.result()["channels"]]
-    assert means == pytest.approx([0, 5, -3], abs=0.3)
+    result = b.result()
+    assert result["channels"] == 3 and len(result["features"]) == 6
+    assert result["mean"] == pytest.approx([0, 5, -3], abs=0.3)
+    assert result["std"] == pytest.approx([1, 2, 0.5], abs=0.2)
     assert input_stats.channel_axis((2, 224, 224, 3)) == 3 and input_stats.channel_axis((2, 16)) is None
 
 
