@@ -119,12 +119,12 @@ def spec_from_args(args: argparse.Namespace) -> PreprocessSpec | None:
 
 
 def _data_source(args: argparse.Namespace, spec: PreprocessSpec | None) -> Any:
-    from calib.datasets import as_source
+    from calib.datasets import as_source, is_capture
 
     path = Path(args.data)
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file or directory")
-    if path.is_dir() and spec is None:
+    if path.is_dir() and spec is None and not is_capture(path):
         raise _UsageError(f"--data {path} is an image folder: give its preprocessing (--preset, --preprocess or --size ...)")
     return as_source(path, spec=spec, limit=args.limit)
 

@@ -210,6 +210,11 @@ class IterableSource(DataSource):
 SourceLike = Union[DataSource, str, "os.PathLike[str]", Iterable[Any]]
 
 
+def is_capture(path: Path) -> bool:
+    """A folder of the daemon's field capture (``capture.json`` beside ``<seq>.npz`` samples)."""
+    return path.is_dir() and (path / "capture.json").is_file()
+
+
 def as_source(
     source: SourceLike,
     spec: PreprocessSpec | None = None,
@@ -220,6 +225,12 @@ def as_source(
         return source
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
+        if is_capture(p):
+            # The daemon's field capture (daemon/monitor/capture.py): preprocessed tensors, one .npz each.
+            files = sorted(p.glob("[0-9]*.npz"))
+            if not files:
+                raise ValueError(f"{p}: the capture directory holds no samples yet")
+            return NumpyFiles(files, limit=limit)
         if p.is_dir():
             if spec is None:
                 raise ValueError(f"{p}: an image folder needs a preprocessing spec")

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from calib.datasets import DataSource, Feed, SourceLike, as_source, batches
+from calib.input_stats import InputStatsBuilder
 from calib.ort_exact import keep_exact
 from calib.preprocess import PreprocessSpec
 
@@ -524,6 +525,7 @@ def observe(
     else:
         nworkers = max(1, min(2, os.cpu_count() or 1))
     worker = _StatsPool(stats, workers=nworkers)
+    inputs_seen = InputStatsBuilder()
     num_samples = 0
     try:
         feeds = batches(source, input_name=input_name, batch_size=batch_size)
@@ -543,6 +545,8 @@ def observe(
             for n in from_feed:
                 arrays[n] = feed[n]
             worker.submit(arrays)
+            if input_name in feed:
+                inputs_seen.update(feed[input_name])
             _release_freed_memory()
             n = next(iter(feed.values())).shape[0]
             num_samples += n
@@ -552,4 +556,9 @@ def observe(
         worker.finish()
     if num_samples == 0:
         raise ValueError("the calibration data is empty")
-    return Observations(stats, num_samples, sha, source=source.describe(), input_like=input_like_tensors(proto))
+    described = source.describe()
+    # For the daemon's drift monitor: what the model input looked like during calibration.
+    summary = inputs_seen.result()
+    if summary is not None:
+        described["input_stats"] = {input_name: summary}
+    return Observations(stats, num_samples, sha, source=described, input_like=input_like_tensors(proto))

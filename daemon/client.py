@@ -90,23 +90,34 @@ def infer(args) -> int:
     return 0
 
 
+def _live_precision(params: dict[str, str]) -> tuple[str, str]:
+    """The precision monitor's window values from ModelConfig parameters ('-' when not monitored)."""
+    shown = [f"{k}={params['monitor_' + k]}" for k in ("top1_agreement", "cosine", "f1", "max_rel_error")
+             if "monitor_" + k in params]
+    if shown and "monitor_samples" in params:
+        shown.append(f"n={params['monitor_samples']}")
+    drift = params.get("monitor_drift")
+    return (" ".join(shown) or "-", drift if drift is not None else "-")
+
+
 def models(args) -> int:
     stub = _stub(args.url)
     try:
         index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=args.ready), timeout=10)
     except grpc.RpcError as exc:
         return _fail(exc)
-    headers = ("MODEL", "VERSION", "STATE", "BACKEND", "PRECISION", "ENGINE", "CALIBRATION", "LAYERS(i8/f16/f32)")
+    headers = ("MODEL", "VERSION", "STATE", "BACKEND", "PRECISION", "ENGINE", "CALIBRATION", "LAYERS(i8/f16/f32)",
+               "LIVE AGREEMENT", "DRIFT")
     rows = []
     for m in index.models:
-        engine = ("-",) * 5
+        engine = ("-",) * 7
         if m.state == "READY":
             try:
                 config = stub.ModelConfig(pb.ModelConfigRequest(name=m.name, version=m.version), timeout=10).config
                 p = {k: v.string_value for k, v in config.parameters.items()}
                 layers = "/".join(p.get(f"layers_{x}", "?") for x in ("int8", "fp16", "fp32"))
                 engine = (config.backend, p.get("precision", "?"), p.get("engine_id", "?"),
-                          p.get("calibration_cache_id") or "-", layers)
+                          p.get("calibration_cache_id") or "-", layers, *_live_precision(p))
             except grpc.RpcError:  # unloaded between the two calls
                 pass
         rows.append((m.name, m.version or "-", m.state or "-", *engine, m.reason))

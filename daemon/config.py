@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from daemon.engines.base import DATATYPE_TO_NUMPY
 from daemon.errors import ConfigError
+from daemon.monitor.settings import MonitorConfig
 from daemon.processing.spec import PostprocessConfig, PreprocessConfig
 
 if sys.version_info >= (3, 11):
@@ -168,6 +169,8 @@ class ModelConfig(_Strict):
     postprocess: PostprocessConfig | None = None
     # Where pre/post-processing runs: "auto" = the GPU when the backend is tensorrt and CUDA is usable.
     processing_device: Literal["auto", "cpu", "gpu"] = "auto"
+    # Live precision monitoring (daemon/monitor): off without a [monitor] section.
+    monitor: MonitorConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:

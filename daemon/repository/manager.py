@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +21,11 @@ from daemon.config import CONFIG_FILENAME, ModelConfig, load_model_config
 from daemon.engines.base import TensorSpec
 from daemon.engines.factory import EngineFactory, Prepared, calibration_path
 from daemon.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, TegradError
+from daemon.monitor.engine import attach as attach_monitor
 from daemon.pipeline.processed import ProcessedEngine
 from daemon.pipeline.scheduler import Scheduler, SchedulerOptions
 from daemon.repository import layout
-from daemon.repository.state import ACTIVATING, ACTIVE, FAILED, INACTIVE, STAGED, StateStore
+from daemon.repository.state import ACTIVATING, ACTIVE, FAILED, INACTIVE, STAGED, StateStore, event
 from daemon.telemetry import metrics
 from daemon.telemetry.stats import VersionStats
 
@@ -119,6 +120,10 @@ class ModelManager:
         self._activations: dict[str, asyncio.Lock] = {}
         # Image decoding for every model's requests, ahead of the slots (OpenCV releases the GIL).
         self._decode_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="tegrad-decode")
+        # What a live precision breach ([monitor] rollback_below) runs: the admin API's rollback
+        # path when the daemon has one (set by the server), else the manager's own.
+        self.precision_rollback: Callable[[str], Awaitable] = self.rollback
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- startup and shutdown ---------------------------------------------------------------
 
@@ -246,12 +251,12 @@ class ModelManager:
                     max_queue_size=config.dynamic_batching.max_queue_size,
                     inline_below_us=config.inline_below_us,
                 )
-                engine = prepared.engine
+                engine = self._monitored(prepared.engine, config, name, version, model_file, cdir)
                 if config.preprocess or config.postprocess:
                     try:
                         engine = ProcessedEngine(engine, config, cdir, self._decode_pool)
                     except TegradError as exc:
-                        prepared.engine.close()
+                        engine.close()
                         failures.append(f"version {version}: {exc}")
                         if old is not None:
                             serving[version] = old
@@ -285,6 +290,37 @@ class ModelManager:
                 await asyncio.to_thread(self.factory.cache.evict, keep)
             if failures:
                 raise InvalidArgument(f"model {name} failed to load: " + "; ".join(failures))
+
+    def _monitored(self, engine, config: ModelConfig, name: str, version: int, model_file: Path, cdir: Path):
+        """The engine with a precision monitor when its config asks for one; a monitor that cannot
+        start is logged and left out, never a reason to refuse the version."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            return attach_monitor(engine, config, model=name, version=version, model_file=model_file,
+                                  config_dir=cdir, on_breach=self._breach)
+        except Exception as exc:
+            log.error("model %s version %d: precision monitor not started: %s", name, version, exc)
+            return engine
+
+    def _breach(self, name: str, version: int, reason: str) -> None:
+        """From a monitor's worker thread: hand the breach to the event loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._precision_breach(name, version, reason)))
+
+    async def _precision_breach(self, name: str, version: int, reason: str) -> None:
+        active, previous = self.store.rollout_model(name)
+        if active != version or not previous:
+            why = "it was not activated by a rollout" if active != version else "there is no previous version"
+            log.warning("model %s version %d: live precision breach (%s); not rolled back: %s", name, version, reason, why)
+            event("precision_breach", model=name, version=version, reason=reason, rolled_back=False)
+            return
+        event("precision_rollback", model=name, version=version, to=previous, reason=reason)
+        metrics.PRECISION_ROLLBACKS.labels(name).inc()
+        try:
+            await self.precision_rollback(name)
+        except TegradError as exc:
+            log.error("model %s: precision rollback from version %d failed: %s", name, version, exc)
 
     def _start_retire(self, lv: LoadedVersion, *, gone: bool) -> asyncio.Task:
         async def run() -> None:

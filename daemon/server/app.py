@@ -152,6 +152,7 @@ async def serve(opts: ServeOptions) -> int:
                        max_bundle_bytes=opts.max_bundle_bytes, read_only=repository == EMBEDDED_REPOSITORY),
     )
     rollouts.recover()
+    models.precision_rollback = rollouts.rollback
     try:
         admin = _admin_server(opts, rollouts)
     except (ValueError, OSError) as exc:

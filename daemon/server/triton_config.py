@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from daemon.monitor.monitor import lookup as monitor_lookup
 from daemon.protogen import grpc_service_pb2 as pb
 from daemon.protogen import model_config_pb2 as mc
 
@@ -76,6 +77,9 @@ def model_config(lv) -> mc.ModelConfig:
         "calibration_cache_id": lv.prepared.calibration_cache_id,
         **{f"layers_{p}": str(n) for p, n in lv.prepared.layers.items()},
     }
+    watch = monitor_lookup(lv.name, lv.version)
+    if watch is not None:  # tegrad's own: live precision of this version (see daemon/monitor)
+        params.update({f"monitor_{k}": f"{v:.6g}" for k, v in watch.summary().items()})
     for key, value in params.items():
         out.parameters[key].string_value = value
     return out

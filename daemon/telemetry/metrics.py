@@ -152,6 +152,43 @@ def set_model_state(model: str, version: str, state: str) -> None:
         MODEL_STATE.labels(model, version, s).set(1 if s == state else 0)
 
 
+# Live precision (daemon/monitor): the FP32 shadow comparison of sampled live requests.
+PRECISION_METRICS = ("top1_agreement", "cosine", "f1", "max_rel_error")
+PRECISION_AGREEMENT = Gauge(
+    "tegrad_precision_agreement",
+    "Agreement of the served engine with the FP32 reference over the monitor's window of live samples "
+    "(metric: top1_agreement, cosine, f1 higher is better; max_rel_error lower is better).",
+    ["model", "version", "metric"],
+)
+PRECISION_SAMPLES = Counter(
+    "tegrad_precision_samples",
+    "Live samples taken for the precision monitor by result (compared; dropped: the shadow worker was busy; failed).",
+    ["model", "version", "result"],
+)
+CALIBRATION_SATURATION_RATIO = Gauge(
+    "tegrad_calibration_saturation_ratio",
+    "Fraction of a calibrated tensor's values beyond its calibrated amax in the FP32 reference run, over the "
+    "window (at most [monitor] max_tensors tensors, the highest).",
+    ["model", "version", "tensor"],
+)
+CALIBRATION_SATURATION_MAX = Gauge(
+    "tegrad_calibration_saturation_max",
+    "Highest saturation ratio over all monitored calibrated tensors.",
+    ["model", "version"],
+)
+INPUT_DRIFT_SCORE = Gauge(
+    "tegrad_input_drift_score",
+    "Population stability index of the live model input against the calibration set "
+    "(< 0.1 small, 0.1-0.25 moderate, >= 0.25 large drift).",
+    ["model", "version"],
+)
+PRECISION_ROLLBACKS = Counter(
+    "tegrad_precision_rollbacks",
+    "Rollbacks the precision monitor triggered ([monitor] rollback_below).",
+    ["model"],
+)
+
+
 def set_model_info(model: str, version: str, backend: str, precision: str, engine_id: str,
                    calibration_cache_id: str = "", layers: dict[str, int] | None = None) -> None:
     MODEL_INFO.labels(model, version, backend, precision, engine_id, calibration_cache_id).set(1)
@@ -167,6 +204,14 @@ def forget_model_version(model: str, version: str) -> None:
                 metric.remove(*labels)
     for gauge in (QUEUE_DEPTH, INFLIGHT):
         gauge.labels(model, version).set(0)
+
+
+def forget_monitor(model: str, version: str) -> None:
+    """Drop the precision monitor's series of a version that stopped serving."""
+    for metric in (PRECISION_AGREEMENT, CALIBRATION_SATURATION_RATIO, CALIBRATION_SATURATION_MAX, INPUT_DRIFT_SCORE):
+        for labels in list(metric._metrics):
+            if labels[:2] == (model, version):
+                metric.remove(*labels)
 
 
 def exposition() -> bytes:
