@@ -68,3 +68,44 @@ def truncated_jpeg_with_eoi(image: np.ndarray) -> bytes:
     filling the missing rows, and only warns."""
     data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
     return data[: len(data) // 2] + b"\xff\xd9"
+
+
+def _status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_extra_rss(pid: int, fn):
+    """(fn(), bytes of resident memory process ``pid`` gained at its peak while fn ran).
+
+    The peak is the kernel's VmHWM, reset first through /proc/<pid>/clear_refs; where that is not
+    allowed, VmRSS is sampled every millisecond instead (which can miss a short spike).
+    """
+    import threading
+
+    before = _status_kb(pid, "VmRSS")
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        sampled = None
+    except OSError:
+        sampled = [before]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.001):
+                sampled.append(_status_kb(pid, "VmRSS"))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+    try:
+        result = fn()
+    finally:
+        if sampled is not None:
+            done.set()
+            sampler.join()
+    peak = max(sampled) if sampled is not None else _status_kb(pid, "VmHWM")
+    return result, max(0, peak - before) * 1024
