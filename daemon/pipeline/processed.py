@@ -142,8 +142,9 @@ class ProcessedEngine:
             images = frames_batch(batch, self._pre)
         else:
             items = batch.reshape(-1) if batch.ndim == 2 and batch.shape[1] == 1 else batch
-            if items.ndim != 1:
-                raise InvalidArgument(f"input {name!r}: encoded images come as BYTES [N] or [N, 1], got {list(batch.shape)}")
+            if items.ndim != 1 or items.size == 0:
+                raise InvalidArgument(f"input {name!r}: encoded images come as BYTES [N] or [N, 1] with N >= 1, "
+                                      f"got {list(batch.shape)}")
             images = await self._decode(check_batch(list(items), self._pre))
         return {**inputs, name: _object_array(list(images))}
 
@@ -159,7 +160,7 @@ class ProcessedEngine:
             budget.hold(decoded.image, item.nbytes)
             if decoded.warning is not None:
                 corrupt.inc()
-                log.info("%s: %s decoded despite corrupt data: %s", self._name, item.where, decoded.warning)
+                log.debug("%s: %s decoded despite corrupt data: %s", self._name, item.where, decoded.warning)
 
         decoder = BatchDecoder(on_image, lambda item: budget.release(item.nbytes))
         loop = asyncio.get_running_loop()

@@ -52,7 +52,8 @@ class DecodeBudget:
             raise ValueError(f"the decode budget must be positive, got {limit} bytes")
         self.limit = limit
         self._used = 0
-        self._lock = threading.Lock()
+        # Reentrant: a finalizer can run inside any allocation, in the middle of another method.
+        self._lock = threading.RLock()
         self._waiters: deque[_Waiter] = deque()
         self._held: dict[int, weakref.finalize] = {}
 

@@ -70,7 +70,7 @@ def truncated_jpeg_with_eoi(image: np.ndarray) -> bytes:
     return data[: len(data) // 2] + b"\xff\xd9"
 
 
-def _status_kb(pid: int, field: str) -> int:
+def status_kb(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -86,7 +86,7 @@ def peak_extra_rss(pid: int, fn):
     """
     import threading
 
-    before = _status_kb(pid, "VmRSS")
+    before = status_kb(pid, "VmRSS")
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("5")
@@ -97,7 +97,7 @@ def peak_extra_rss(pid: int, fn):
 
         def sample() -> None:
             while not done.wait(0.001):
-                sampled.append(_status_kb(pid, "VmRSS"))
+                sampled.append(status_kb(pid, "VmRSS"))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -107,5 +107,5 @@ def peak_extra_rss(pid: int, fn):
         if sampled is not None:
             done.set()
             sampler.join()
-    peak = max(sampled) if sampled is not None else _status_kb(pid, "VmHWM")
+    peak = max(sampled) if sampled is not None else status_kb(pid, "VmHWM")
     return result, max(0, peak - before) * 1024
