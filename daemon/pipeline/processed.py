@@ -4,9 +4,10 @@ Decoding happens before a request is queued (``admit``: one thread-pool task per
 corrupt image fails only its own request, never a batch it would have joined, and JPEG
 decoding of the next requests runs while the slots compute. Every image is checked from its
 header before any is decoded, and the request first takes what its images will hold from the
-daemon's decode budget (:mod:`daemon.processing.budget`), waiting in line when it is spent. Resize/normalise, inference and
-postprocessing then run in the slot's thread (or on its CUDA stream): with N slots the
-preprocessing of one batch overlaps the inference and postprocessing of others.
+daemon's decode budget (:mod:`daemon.processing.budget`), waiting in line when it is spent.
+Resize/normalise, inference and postprocessing then run in the slot's thread (or on its CUDA
+stream): with N slots the preprocessing of one batch overlaps the inference and postprocessing
+of others.
 
 On the GPU with an engine that exposes a device-side slot (TensorRT's ``infer_device``), images
 stay on the device: the preprocessing kernel writes the engine's input buffer, the engine and the
