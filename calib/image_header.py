@@ -30,6 +30,11 @@ _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8), 0xD8}
 _JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC share the range
 _JPEG_PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
 _EXIF_ORIENTATION = 0x0112
+# Walking a header is Python code on the request path: bounded, so that 64 MB of tiny segments
+# or fill bytes cannot make it cost seconds. Real files stay far below (tags sort ascending, and
+# width and height are among the first).
+_MAX_JPEG_SEGMENTS = 4096
+_MAX_IFD_ENTRIES = 512
 
 
 class ImageHeaderError(ValueError):
@@ -115,7 +120,7 @@ def _tiff_ifd0(data: bytes, base: int, what: str) -> dict[int, tuple[int, ...]]:
     _need(data, ifd + 2 + 12 * count, what)
     sizes = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4)}  # BYTE, SHORT, LONG
     tags: dict[int, tuple[int, ...]] = {}
-    for i in range(count):
+    for i in range(min(count, _MAX_IFD_ENTRIES)):
         tag, kind, n, _ = struct.unpack_from(e + "HHII", data, ifd + 2 + 12 * i)
         if kind not in sizes or n == 0 or n > 64:
             continue
@@ -152,7 +157,7 @@ def _exif_orientation(segment: bytes) -> int:
 
 def _jpeg(data: bytes) -> ImageHeader:
     at, orientation = 2, 1
-    while True:
+    for _ in range(_MAX_JPEG_SEGMENTS):
         _need(data, at + 2, "JPEG")
         if data[at] != 0xFF:
             raise ImageHeaderError(f"corrupt JPEG: expected a marker at byte {at}, found 0x{data[at]:02x}")
@@ -187,6 +192,7 @@ def _jpeg(data: bytes) -> ImageHeader:
         if marker == 0xE1 and orientation == 1:
             orientation = _exif_orientation(data[at + 4:at + 2 + length])
         at += 2 + length
+    raise ImageHeaderError(f"corrupt JPEG: no frame header (SOF) in the first {_MAX_JPEG_SEGMENTS} markers")
 
 
 def _webp(data: bytes) -> ImageHeader:
@@ -256,6 +262,8 @@ def sniff(data: bytes) -> str | None:
 
 
 _READERS = {"JPEG": _jpeg, "PNG": _png, "WEBP": _webp, "BMP": _bmp, "TIFF": _tiff, "GIF": _gif}
+#: Formats whose header :func:`read_header` reads.
+READABLE = frozenset(_READERS)
 
 
 def read_header(data: bytes | bytearray | memoryview) -> ImageHeader:
@@ -272,6 +280,3 @@ def read_header(data: bytes | bytearray | memoryview) -> ImageHeader:
     except struct.error:  # a field ran past the end of the data
         raise ImageHeaderError(f"truncated {name} header ({len(data)} bytes)") from None
 
-
-#: Formats whose header :func:`read_header` reads.
-READABLE = frozenset(_READERS)

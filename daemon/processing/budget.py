@@ -69,8 +69,8 @@ class DecodeBudget:
         """Take ``nbytes``, waiting behind earlier requests; ``what`` names the request in the refusal."""
         if nbytes > self.limit:
             raise ResourceExhausted(
-                f"{what} needs {_mb(nbytes)} to decode and preprocess, more than the daemon's whole decode "
-                f"budget of {_mb(self.limit)}: send fewer or smaller images per request, or raise "
+                f"{what} needs {mib(nbytes)} to decode and preprocess, more than the daemon's whole decode "
+                f"budget of {mib(self.limit)}: send fewer or smaller images per request, or raise "
                 "tegrad serve --max-decode-bytes"
             )
         loop = asyncio.get_running_loop()
@@ -134,7 +134,7 @@ class DecodeBudget:
         DECODE_BUDGET_IN_USE.set(self._used)
 
 
-def _mb(nbytes: int) -> str:
+def mib(nbytes: int) -> str:
     return f"{nbytes / (1 << 20):.1f} MiB"
 
 

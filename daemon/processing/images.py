@@ -21,6 +21,7 @@ import numpy as np
 from calib.image_header import ImageHeader, ImageHeaderError, read_header, sniff
 from calib.preprocess import DecodedImage, PreprocessSpec, decode, intermediate_sizes
 from daemon.errors import InvalidArgument
+from daemon.processing.budget import mib
 from daemon.processing.spec import PreprocessConfig
 
 SERVED = ("JPEG", "PNG")
@@ -66,10 +67,6 @@ def _item_bytes(item: object) -> bytes | None:
     return None
 
 
-def _mb(nbytes: int) -> str:
-    return f"{nbytes / (1 << 20):.1f} MiB"
-
-
 def _preprocess_bytes(h: int, w: int, spec: PreprocessSpec) -> int:
     """What :func:`calib.preprocess.preprocess` allocates for an h x w image beyond the decoded one."""
     c = spec.channels
@@ -85,7 +82,7 @@ def _check_geometry(where: str, header: ImageHeader, max_pixels: int, max_aspect
     size = f"{w}x{h}"
     if header.pixels > max_pixels:
         raise InvalidArgument(
-            f"{where}: image is {header.format} {size} ({header.pixels} pixels, {_mb(header.decode_bytes())} "
+            f"{where}: image is {header.format} {size} ({header.pixels} pixels, {mib(header.decode_bytes())} "
             f"decoded), more than the model's max_image_pixels {max_pixels}; refused from its header"
         )
     ratio = max(h, w) / min(h, w)
