@@ -26,8 +26,8 @@ from daemon.errors import ResourceExhausted
 from daemon.telemetry.metrics import DECODE_BUDGET_IN_USE
 
 #: Default for ``tegrad serve --max-decode-bytes``: an eighth of a 4 GB Orin Nano's memory. Room for
-#: one image at the default max_image_pixels (40 MP with its colour copy, even a progressive JPEG)
-#: or sixteen 1080p frames at once.
+#: one image at the default max_image_pixels (40 MP, even a progressive JPEG) or a batch of 64
+#: 1080p JPEGs for a 224x224 model.
 DEFAULT_MAX_DECODE_BYTES = 512 << 20
 
 

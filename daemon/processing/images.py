@@ -67,13 +67,14 @@ def _item_bytes(item: object) -> bytes | None:
     return None
 
 
-def _preprocess_bytes(h: int, w: int, spec: PreprocessSpec) -> int:
-    """What :func:`calib.preprocess.preprocess` allocates for an h x w image beyond the decoded one."""
-    c = spec.channels
-    colour_copy = 0 if spec.color == "BGR" else h * w * c
-    uint8 = sum(ih * iw * c for _, ih, iw in intermediate_sizes(h, w, spec))
+def _batch_row_bytes(spec: PreprocessSpec) -> int:
+    """The image's row of the preprocessed batch tensor (float32), alive with the batch.
+
+    The copies preprocessing makes of one image (colour, resize) are transient, one image at a
+    time per slot, and bounded by max_image_pixels through :func:`_check_geometry`.
+    """
     H, W = spec.size
-    return colour_copy + uint8 + H * W * c * 4 * 2  # float32, normalised in place, then laid out
+    return H * W * spec.channels * 4
 
 
 def _check_geometry(where: str, header: ImageHeader, max_pixels: int, max_aspect: float,
@@ -128,8 +129,7 @@ def check_item(item: object, index: int, count: int, name: str, max_pixels: int,
     problem = _truncation(data, header.format)
     if problem is not None:
         raise InvalidArgument(f"{where}: cannot decode: {problem}")
-    h, w = header.oriented_size
-    nbytes = header.decode_bytes() + (_preprocess_bytes(h, w, spec) if spec is not None else 0)
+    nbytes = header.decode_bytes() + (_batch_row_bytes(spec) if spec is not None else 0)
     return CheckedImage(where, index, data, header, nbytes)
 
 
@@ -149,8 +149,9 @@ def decode_checked(item: CheckedImage) -> DecodedImage:
         raise InvalidArgument(
             f"{item.where}: cannot decode ({len(item.data)} bytes): corrupt or zero-sized image"
         ) from None
-    if decoded.image.shape[:2] != item.header.oriented_size:
-        # A decoder that disagrees with the header it was checked against must not slip past the limits.
+    if sorted(decoded.image.shape[:2]) != sorted(item.header.oriented_size):
+        # A decoder that disagrees with the header it was checked against must not slip past the
+        # limits. Either orientation passes: OpenCV also applies EXIF orientation found in a PNG.
         raise InvalidArgument(
             f"{item.where}: corrupt image: decoded {decoded.image.shape[1]}x{decoded.image.shape[0]}, header says "
             f"{item.header.width}x{item.header.height}"

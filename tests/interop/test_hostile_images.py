@@ -200,7 +200,7 @@ def test_a_truncated_jpeg_with_an_end_marker_is_served_and_counted_corrupt(serve
 @pytest.fixture(scope="module")
 def tight_server(tmp_path_factory):
     """A daemon whose decode budget holds one 640x480 digit image at a time."""
-    server = start_server(state_dir=tmp_path_factory.mktemp("state"), args=("--max-decode-bytes", "2000000"))
+    server = start_server(state_dir=tmp_path_factory.mktemp("state"), args=("--max-decode-bytes", "1500000"))
     yield server
     assert server.stop() == 0, server.log()
 
@@ -211,7 +211,7 @@ def test_the_decode_budget_refuses_what_can_never_fit_and_serves_a_flood_in_turn
         error = _send(client, "digits", _input(big))
         assert error.status() == "StatusCode.RESOURCE_EXHAUSTED"
         assert "this request of 2 image(s) (the largest, batch index 0, is PNG 640x480) needs" in error.message()
-        assert "more than the daemon's whole decode budget of 1.9 MiB" in error.message()
+        assert "more than the daemon's whole decode budget of 1.4 MiB" in error.message()
 
     def one(i: int) -> tuple[int, int]:
         data, want = _digit_png(i, (640, 480))

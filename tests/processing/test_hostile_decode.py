@@ -10,6 +10,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 import pytest
 
@@ -78,11 +79,14 @@ def test_aspect_ratio_and_pixel_limits_are_configurable():
         check_batch([wide], EFFNET.model_copy(update={"max_image_pixels": 1_000_000}))
 
 
-def test_the_memory_estimate_covers_decoding_and_preprocessing():
-    jpeg = encode(smooth_image(480, 640), ".jpg")
-    (item,) = check_batch([jpeg], EFFNET)
-    decoded = 480 * 640 * 3
-    assert decoded * 2 < item.nbytes < decoded * 4  # the RGB copy and the resize come on top
+def test_the_memory_estimate_covers_the_decoded_image_and_its_row_of_the_batch():
+    image = smooth_image(480, 640)
+    (item,) = check_batch([encode(image, ".jpg")], EFFNET)
+    assert item.nbytes == 480 * 640 * 3 + 224 * 224 * 3 * 4
+    # a progressive JPEG's decoder holds every coefficient (4:2:0: 1.5 samples a pixel, 2 bytes each)
+    progressive = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    (item,) = check_batch([progressive], EFFNET)
+    assert item.nbytes == 480 * 640 * 3 + 480 * 640 * 3 + 224 * 224 * 3 * 4
 
 
 def _corrupt_body_png() -> bytes:
