@@ -42,8 +42,8 @@ def _truncation(data: bytes, fmt: str) -> str | None:
     """Why ``data`` is not a complete JPEG or PNG file, or None if it looks like one.
 
     libjpeg decodes a truncated file without error (the missing rows come back grey), so
-    completeness is checked on the container: a JPEG must have its end-of-image marker after
-    the last start-of-scan, a PNG its IEND chunk.
+    completeness is checked on the container: a JPEG must have an end-of-image marker after its
+    image data, a PNG its IEND chunk.
     """
     if fmt == "JPEG":
         # Encoders end the file with the marker (a few trailer bytes at most): look there first, as
