@@ -37,7 +37,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(), help="where the SQLite state lives (default: %(default)s)")
     p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest request accepted; larger ones get RESOURCE_EXHAUSTED (default: %(default)s)")
-    p.add_argument("--max-decode-bytes", type=int, default=None, metavar="BYTES",
+    from daemon.rollout.cli import positive_int
+
+    p.add_argument("--max-decode-bytes", type=positive_int, default=None, metavar="BYTES",
                    help="memory all requests' images may hold at once while decoded, queued and preprocessed; "
                         "beyond it requests wait their turn, and one that needs more is refused with "
                         "RESOURCE_EXHAUSTED (default: 512 MiB)")

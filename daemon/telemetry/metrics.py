@@ -135,6 +135,7 @@ IMAGES_CORRUPT = Counter(
     ["model"],
 )
 
+
 def set_validation_scores(model: str, version: str, scores: dict[str, float]) -> None:
     for metric, value in scores.items():
         VALIDATION_SCORE.labels(model, version, metric).set(value)
