@@ -25,6 +25,10 @@ from daemon.processing.budget import mib
 from daemon.processing.spec import PreprocessConfig
 
 SERVED = ("JPEG", "PNG")
+# A progressive JPEG's decoder walks every block of the image once per scan: a small file of
+# thousands of scans costs minutes of CPU. Encoders write about ten; libjpeg-turbo's TurboJPEG
+# API stops at 500 when asked to limit them (OpenCV never asks).
+MAX_PROGRESSIVE_SCANS = 500
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,11 @@ def check_item(item: object, index: int, count: int, name: str, max_pixels: int,
     problem = _truncation(data, header.format)
     if problem is not None:
         raise InvalidArgument(f"{where}: cannot decode: {problem}")
+    if header.progressive and (scans := data.count(b"\xff\xda")) > MAX_PROGRESSIVE_SCANS:
+        raise InvalidArgument(
+            f"{where}: progressive JPEG {header.width}x{header.height} with {scans} scans, more than the "
+            f"{MAX_PROGRESSIVE_SCANS} tegrad decodes (encoders write about ten)"
+        )
     nbytes = header.decode_bytes() + (_batch_row_bytes(spec) if spec is not None else 0)
     return CheckedImage(where, index, data, header, nbytes)
 

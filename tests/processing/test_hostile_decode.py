@@ -126,6 +126,17 @@ def test_a_truncated_jpeg_with_an_end_marker_is_accepted_and_reported_corrupt():
         check_batch([data[:-2]], DIGITS)
 
 
+def test_a_progressive_jpeg_of_thousands_of_scans_is_refused_before_decoding():
+    data = cv2.imencode(".jpg", smooth_image(64, 64), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    assert check_batch([data], DIGITS)  # a real one has about ten scans
+    sos = data.index(b"\xff\xda")
+    # the same first scan repeated: every repeat is one more pass over every block
+    end = data.index(b"\xff", data.index(b"\xff\xda") + 2 + int.from_bytes(data[sos + 2:sos + 4], "big"))
+    bomb = data[:end] + data[sos:end] * 2000 + b"\xff\xd9"
+    with pytest.raises(InvalidArgument, match="progressive JPEG 64x64 with 2001 scans, more than the 500"):
+        check_batch([bomb], DIGITS)
+
+
 def test_unserved_formats_say_what_was_sent_and_its_size():
     with pytest.raises(InvalidArgument, match=r"unsupported format BMP \(40x30, \d+ bytes; send JPEG or PNG\)"):
         check_batch([encode(smooth_image(30, 40), ".bmp")], DIGITS)
