@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import simplejpeg
 
-from calib.image_header import READABLE, ImageHeader, read_header, sniff
+from calib.image_header import READABLE, ImageHeader, ImageHeaderError, read_header, sniff
 
 RESIZE_MODES = ("stretch", "letterbox", "center-crop")
 ANCHORS = ("top-left", "center")
@@ -323,7 +323,14 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
     if len(data) == 0:
         raise ValueError("image data is empty")
     data = bytes(data)
-    header = read_header(data) if sniff(data) in READABLE else None
+    header = None
+    if sniff(data) in READABLE:
+        try:
+            header = read_header(data)
+        except ImageHeaderError:
+            if sniff(data) in ("JPEG", "PNG"):
+                raise
+            # A variant of another format whose header is not read here (BigTIFF, ...): OpenCV decides.
     if header is not None and max_pixels is not None and header.pixels > max_pixels:
         raise ValueError(
             f"image is {header.describe()} ({header.pixels} pixels), more than the limit of {max_pixels} pixels"
