@@ -37,6 +37,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(), help="where the SQLite state lives (default: %(default)s)")
     p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest request accepted; larger ones get RESOURCE_EXHAUSTED (default: %(default)s)")
+    from daemon.rollout.cli import positive_int
+
+    p.add_argument("--max-decode-bytes", type=positive_int, default=None, metavar="BYTES",
+                   help="memory all requests' images may hold at once while decoded, queued and preprocessed; "
+                        "beyond it requests wait their turn, and one that needs more is refused with "
+                        "RESOURCE_EXHAUSTED (default: 512 MiB)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let in-flight requests finish on SIGTERM (default: %(default)s)")
     p.add_argument("--engine-cache-dir", type=Path, default=None,
                    help="where built engines are kept, keyed by content (default: <state-dir>/engines)")
@@ -88,6 +94,7 @@ def _serve(args) -> int:
         metrics_port=args.metrics_port,
         state_dir=args.state_dir,
         max_message_bytes=args.max_message_bytes,
+        max_decode_bytes=args.max_decode_bytes,
         drain_timeout=args.drain_timeout,
         engine_cache_dir=args.engine_cache_dir,
         engine_cache_max_bytes=args.engine_cache_max_mb << 20,

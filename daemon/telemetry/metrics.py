@@ -132,6 +132,19 @@ SHARED_MEMORY_BYTES = Gauge(
 )
 
 
+# Client images: decoded bytes in flight (tegrad serve --max-decode-bytes) and files decoded despite corrupt data.
+DECODE_BUDGET_IN_USE = Gauge(
+    "tegrad_decode_budget_bytes_in_use",
+    "Bytes of the daemon's decode budget held by images being decoded, queued or preprocessed.",
+)
+IMAGES_CORRUPT = Counter(
+    "tegrad_images_corrupt",
+    "Images accepted although the decoder recovered from corrupt data (e.g. a truncated JPEG whose missing "
+    "rows came back grey), by model.",
+    ["model"],
+)
+
+
 def set_validation_scores(model: str, version: str, scores: dict[str, float]) -> None:
     for metric, value in scores.items():
         VALIDATION_SCORE.labels(model, version, metric).set(value)
