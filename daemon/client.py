@@ -107,7 +107,7 @@ def models(args) -> int:
     except grpc.RpcError as exc:
         return _fail(exc)
     headers = ("MODEL", "VERSION", "STATE", "BACKEND", "PRECISION", "ENGINE", "CALIBRATION", "LAYERS(i8/f16/f32)",
-               "LIVE AGREEMENT", "DRIFT")
+               "AGREEMENT", "DRIFT")
     rows = []
     for m in index.models:
         engine = ("-",) * 7
