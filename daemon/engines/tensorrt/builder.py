@@ -14,9 +14,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon.config import TensorRTOptions
 from daemon.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: tests/tensorrt_api checks the calls on them against the real bindings
+    import tensorrt as trt
 
 log = logging.getLogger("tegrad.engines.tensorrt")
 
@@ -214,7 +218,7 @@ def _atomic_write(path: Path, data) -> int:
     return view.nbytes
 
 
-def _use_timing_cache(config, path: Path | None) -> None:
+def _use_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
     cache = None
     data = path.read_bytes() if path is not None and path.is_file() else b""
     if data:
@@ -298,7 +302,7 @@ def build_engine(
     return {"layers": network.num_layers, "plan_bytes": size, "tensorrt": trt.__version__}
 
 
-def _parser_error(err) -> str:
+def _parser_error(err: trt.ParserError) -> str:
     node = err.node_name() if hasattr(err, "node_name") else ""  # node_name is new in TensorRT 10
     return f"node {node!r}: {err.desc()}" if node else err.desc()
 

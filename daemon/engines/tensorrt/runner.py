@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from daemon.engines.base import TensorSpec
 from daemon.engines.tensorrt.builder import require_cuda, require_tensorrt, trt_logger
 from daemon.errors import ConfigError, InvalidArgument, Unavailable
 from daemon.processing.device import DeviceTensor
+
+if TYPE_CHECKING:  # annotations only: tests/tensorrt_api checks the calls on them against the real bindings
+    import tensorrt as trt
 
 # TensorRT DataType name -> numpy dtype for tensors that cross the engine boundary.
 _IO_TYPES = {
@@ -90,7 +94,7 @@ class _Buffer:
 class _Slot:
     __slots__ = ("lock", "context", "stream", "buffers", "started", "done")
 
-    def __init__(self, cuda, context, stream) -> None:
+    def __init__(self, cuda, context: trt.IExecutionContext, stream) -> None:
         self.lock = threading.Lock()
         self.context = context
         self.stream = stream
@@ -251,7 +255,7 @@ class TrtEngine:
             buf = slot.buffers[name] = _Buffer(self._cuda, elements, dtype, mapped)
         return buf
 
-    def _set_shape(self, context, name: str, shape: tuple[int, ...]) -> None:
+    def _set_shape(self, context: trt.IExecutionContext, name: str, shape: tuple[int, ...]) -> None:
         if not context.set_input_shape(name, shape):
             lo, _, hi = self._engine.get_tensor_profile_shape(name, 0)
             raise InvalidArgument(f"input {name!r} shape {list(shape)} is outside the engine's range "
