@@ -72,6 +72,9 @@ def _serve(args) -> int:
     from daemon.server.app import ServeOptions, serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from daemon.engines.tensorrt.platform import describe
+
+    logging.getLogger("tegrad").info("platform: %s", describe())
     opts = ServeOptions(
         repository=args.model_repository,
         model_control=args.model_control,

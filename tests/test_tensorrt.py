@@ -286,3 +286,38 @@ def test_int8_qdq_model_agrees_with_onnxruntime(tmp_path):
     want = _ort(lowered, x)
     assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99
     assert np.mean(got.argmax(1) == y) > 0.9
+
+
+# --- JetPack / TensorRT / CUDA versions (pure Python) ---
+
+
+def test_l4t_release_and_jetpack_from_nv_tegra_release(tmp_path):
+    from daemon.engines.tensorrt import platform as P
+
+    f = tmp_path / "nv_tegra_release"
+    f.write_text("# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, EABI: aarch64, DATE: Fri Sep 13 2024\n")
+    assert P.l4t_release(f) == "36.4.0"
+    assert P.jetpack_of("36.4.0") == "6.1" and P.jetpack_of("36.3.0") == "6.0" and P.jetpack_of("36.9.1") == "6.x"
+    f.write_text("# R35 (release), REVISION: 5\n")
+    assert P.l4t_release(f) == "35.5.0"
+    assert P.l4t_release(tmp_path / "absent") is None
+
+
+def test_tensorrt_older_than_10_is_refused_with_the_jetpack_sentence():
+    from daemon.engines.tensorrt.platform import check_tensorrt_version
+
+    with pytest.raises(ConfigError, match=r"tegrad needs TensorRT ≥ 10 \(JetPack ≥ 6\.1\); this is TensorRT 8\.6\.2"):
+        check_tensorrt_version("8.6.2")
+    check_tensorrt_version("10.3.0")
+    check_tensorrt_version("11.4.0.106")
+
+
+def test_cuda_version_from_the_toolkit(tmp_path):
+    from daemon.engines.tensorrt.platform import cuda_version
+
+    (tmp_path / "version.json").write_text('{"cuda": {"name": "CUDA SDK", "version": "12.6.68"}}')
+    assert cuda_version(tmp_path) == "12.6.68"
+    (tmp_path / "version.json").unlink()
+    (tmp_path / "version.txt").write_text("CUDA Version 10.2.300\n")
+    assert cuda_version(tmp_path) == "10.2.300"
+    assert cuda_version(tmp_path / "none") is None

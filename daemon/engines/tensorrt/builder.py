@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon.config import TensorRTOptions
+from daemon.engines.tensorrt.platform import check_tensorrt_version
 from daemon.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only: tests/tensorrt_api checks the calls on them against the real bindings
@@ -33,6 +34,7 @@ def require_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise ConfigError(f"{_MISSING}: {exc}") from None
+    check_tensorrt_version(str(trt.__version__))
     return trt
 
 
