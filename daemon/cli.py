@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from daemon import __version__
-
-
-def default_state_dir() -> Path:
-    if os.environ.get("TEGRAD_STATE_DIR"):
-        return Path(os.environ["TEGRAD_STATE_DIR"])
-    if os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "tegrad"
+from daemon.state_dir import default_state_dir
 
 
 def _add_serve(sub) -> None:

@@ -8,10 +8,10 @@ import sys
 import grpc
 import numpy as np
 
-from daemon.engines.base import DATATYPE_TO_NUMPY, datatype_of
 from daemon.protogen import grpc_service_pb2 as pb
 from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
 from daemon.server.tensors import deserialize_bytes_tensor, serialize_bytes_tensor
+from daemon.tensor_spec import DATATYPE_TO_NUMPY, datatype_of
 
 
 def _stub(url: str) -> pb_grpc.GRPCInferenceServiceStub:

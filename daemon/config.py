@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from daemon.engines.base import DATATYPE_TO_NUMPY
 from daemon.errors import ConfigError
 from daemon.processing.spec import PostprocessConfig, PreprocessConfig
+from daemon.tensor_spec import DATATYPE_TO_NUMPY
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -14,9 +14,9 @@ import onnx
 import pytest
 
 from daemon.config import TensorRTOptions, TensorRTProfile
-from daemon.engines.base import TensorSpec
 from daemon.engines.tensorrt import builder as B
 from daemon.errors import ConfigError, InvalidArgument
+from daemon.tensor_spec import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "daemon" / "models" / "digits"

@@ -29,11 +29,11 @@ import numpy as np
 
 from daemon.config import ModelConfig
 from daemon.engines.availability import cuda_unavailable
-from daemon.engines.base import TensorSpec
 from daemon.errors import ConfigError, InvalidArgument
 from daemon.processing.cpu import CpuPostprocessor, CpuPreprocessor
 from daemon.processing.images import decode_one, frames_batch
 from daemon.processing.spec import bind_input, bind_output
+from daemon.tensor_spec import TensorSpec
 
 
 def processing_device(config: ModelConfig) -> str:

@@ -14,7 +14,6 @@ import os
 import shutil
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,6 @@ import numpy as np
 KERNEL_DIR = Path(__file__).parent / "kernels"
 _compile_lock = threading.Lock()
 _modules: dict[tuple[int, str], tuple[object, object]] = {}
-
-
-@dataclass(frozen=True)
-class DeviceTensor:
-    """A tensor in device memory that this module does not own (for example an engine's buffer)."""
-
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
 
 
 def kernel_cache_dir() -> str | bool:

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from calib.preprocess import Transform
+from daemon.device_tensor import DeviceTensor
 from daemon.errors import InvalidArgument
-from daemon.processing.device import DeviceTensor, Gpu, elapsed_ms
+from daemon.processing.device import Gpu, elapsed_ms
 from daemon.processing.geometry import plan
 from daemon.processing.gpu_post import GpuPostprocessor
 from daemon.processing.spec import PreprocessConfig

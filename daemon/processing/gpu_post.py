@@ -18,9 +18,10 @@ import numpy as np
 
 from calib.detection import yolox_grids
 from calib.preprocess import Transform
+from daemon.device_tensor import DeviceTensor
 from daemon.errors import InvalidArgument
 from daemon.processing.cpu import label_tensor
-from daemon.processing.device import DeviceTensor, Gpu, HostResult, elapsed_ms
+from daemon.processing.device import Gpu, HostResult, elapsed_ms
 from daemon.processing.spec import PostprocessConfig
 
 _VARIANTS = {"yolox": 0, "yolov5": 1, "yolov8": 2}

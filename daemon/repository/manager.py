@@ -18,7 +18,6 @@ from pathlib import Path
 
 from calib.cache import sha256_file
 from daemon.config import CONFIG_FILENAME, ModelConfig, load_model_config
-from daemon.engines.base import TensorSpec
 from daemon.engines.factory import EngineFactory, Prepared, calibration_path
 from daemon.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, TegradError
 from daemon.pipeline.processed import ProcessedEngine
@@ -27,6 +26,7 @@ from daemon.repository import layout
 from daemon.repository.state import ACTIVATING, ACTIVE, FAILED, INACTIVE, STAGED, StateStore
 from daemon.telemetry import metrics
 from daemon.telemetry.stats import VersionStats
+from daemon.tensor_spec import TensorSpec
 
 log = logging.getLogger("tegrad.repository")
 

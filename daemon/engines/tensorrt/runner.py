@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from daemon.engines.base import TensorSpec
+from daemon.device_tensor import DeviceTensor
 from daemon.engines.tensorrt.builder import require_cuda, require_tensorrt, trt_logger
 from daemon.errors import ConfigError, InvalidArgument, Unavailable
-from daemon.processing.device import DeviceTensor
+from daemon.tensor_spec import TensorSpec
 
 if TYPE_CHECKING:  # annotations only: tests/tensorrt_api checks the calls on them against the real bindings
     import tensorrt as trt
