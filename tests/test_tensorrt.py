@@ -321,3 +321,124 @@ def test_cuda_version_from_the_toolkit(tmp_path):
     (tmp_path / "version.txt").write_text("CUDA Version 10.2.300\n")
     assert cuda_version(tmp_path) == "10.2.300"
     assert cuda_version(tmp_path / "none") is None
+
+
+# --- a CUDA error makes the engine UNAVAILABLE (fake CUDA: the state machine runs without a GPU) ---
+
+
+class _FakeError(Exception):
+    pass
+
+
+class _FakeStream:
+    def __init__(self) -> None:
+        self.synced = 0
+        self.poisoned = False
+        self.handle = 1
+
+    def synchronize(self) -> None:
+        self.synced += 1
+        if self.poisoned:  # what a sticky error does to every later call
+            raise _FakeError("cuStreamSynchronize failed: an illegal memory access was encountered")
+
+
+class _FakeCuda:
+    class Event:
+        def record(self, stream=None) -> None:
+            pass
+
+    class Context:
+        depth = 0
+
+        @classmethod
+        def pop(cls) -> None:
+            cls.depth -= 1
+
+
+class _FakeCtx:
+    def push(self) -> None:
+        _FakeCuda.Context.depth += 1
+
+
+def _fake_engine(monkeypatch, run):
+    from daemon.engines.tensorrt import runner as R
+
+    monkeypatch.setattr(R, "_primary_context", lambda cuda: _FakeCtx())
+    engine = R.TrtEngine(_FakeCuda, [TensorSpec("x", "FP32", (-1, 2))], [TensorSpec("y", "FP32", (-1, 2))],
+                         precision="fp32", engine_id="e" * 16)
+    stream = _FakeStream()
+    engine._slots = [R._Slot(_FakeCuda, object(), stream)]
+    monkeypatch.setattr(engine, "_run", run)
+    return engine, stream
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    from daemon.engines.tensorrt import faults as F
+
+    heard: list[str] = []
+    F.on_sticky_fault(heard.append)
+    yield heard
+    F.on_sticky_fault(None)
+
+
+def test_a_sticky_cuda_error_makes_the_engine_unavailable_with_the_first_error(monkeypatch, faults):
+    from daemon.errors import Unavailable
+
+    calls = []
+
+    def run(s, feeds):
+        calls.append(1)
+        s.stream.poisoned = True
+        raise _FakeError("cuLaunchKernel failed: an illegal memory access was encountered")
+
+    engine, stream = _fake_engine(monkeypatch, run)
+    x = {"x": np.zeros((1, 2), np.float32)}
+    with pytest.raises(Unavailable, match="UNAVAILABLE after a CUDA error: cuLaunchKernel failed: an illegal memory"):
+        engine.infer(x)
+    assert stream.synced == 0  # synchronizing would only raise again and hide the first error
+    assert engine.failure.startswith("cuLaunchKernel failed")
+    assert len(faults) == 1 and "illegal memory access" in faults[0]
+    with pytest.raises(Unavailable, match="cuLaunchKernel failed"):  # the first error, not the later ones
+        engine.infer(x)
+    assert calls == [1] and len(faults) == 1  # the poisoned context is never touched again
+    assert _FakeCuda.Context.depth == 0  # every push popped
+
+
+def test_an_error_that_breaks_the_context_only_when_synchronizing_is_sticky_too(monkeypatch, faults):
+    from daemon.errors import Unavailable
+
+    def run(s, feeds):
+        s.stream.poisoned = True
+        raise RuntimeError("TensorRT could not run engine e: enqueue failed")
+
+    engine, _ = _fake_engine(monkeypatch, run)
+    with pytest.raises(Unavailable, match="enqueue failed; then cuStreamSynchronize failed: an illegal memory"):
+        engine.infer({"x": np.zeros((1, 2), np.float32)})
+    assert len(faults) == 1
+
+
+def test_an_ordinary_error_leaves_the_engine_serving(monkeypatch, faults):
+    results = iter([RuntimeError("cuMemAlloc failed: out of memory"), {"y": np.ones((1, 2), np.float32)}])
+
+    def run(s, feeds):
+        r = next(results)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    engine, stream = _fake_engine(monkeypatch, run)
+    x = {"x": np.zeros((1, 2), np.float32)}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.infer(x)
+    assert stream.synced == 1 and engine.failure == "" and faults == []
+    assert engine.infer(x)["y"].sum() == 2
+
+
+def test_sticky_errors_are_recognised_from_pycuda_and_tensorrt_messages():
+    from daemon.engines.tensorrt.faults import is_sticky
+
+    assert is_sticky("cuStreamSynchronize failed: unspecified launch failure")
+    assert is_sticky("IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (an illegal memory access was encountered)")
+    assert not is_sticky("cuMemAlloc failed: out of memory")
+    assert not is_sticky("input 'x' shape [3] is outside the engine's range")

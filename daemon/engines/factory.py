@@ -66,7 +66,8 @@ def _load(config: ModelConfig, model_dir: Path, model_file: Path, artifact: Path
         inputs, outputs = specs.resolve(*specs.from_onnx(model_file, config.name), config, model_dir)
         return trt_runner.load(artifact, inputs=inputs, outputs=outputs, instances=config.instances,
                                max_batch=config.max_batch, precision=config.precision, engine_id=key[:16],
-                               dla_core=config.tensorrt.dla_core)
+                               dla_core=config.tensorrt.dla_core,
+                               share_memory=config.tensorrt.share_activation_memory)
     from daemon.engines.onnxruntime import runner as ort_runner
 
     return ort_runner.load(artifact, config, model_dir, engine_id=key[:16])

@@ -96,6 +96,10 @@ class Gpu:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            # pycuda releases a primary context in detach() only when it is current: off the thread
+            # that retained it detach() is a no-op (a leak), on it detach() would push it and leave
+            # it pushed. Made current here first, it is released and popped on any thread.
+            self.context.push()
             self.context.detach()
 
 

@@ -77,6 +77,11 @@ def trt_logger():
     return _logger
 
 
+def logged_errors() -> str:
+    """The TensorRT errors logged lately, without creating a logger (or importing TensorRT)."""
+    return " | ".join(_logger.errors) if _logger is not None else ""
+
+
 def _canonical_options(options: TensorRTOptions) -> str:
     build = {
         "workspace_mb": options.workspace_mb,

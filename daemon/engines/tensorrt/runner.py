@@ -15,6 +15,7 @@ results while other slots' streams keep the GPU busy.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from pathlib import Path
@@ -23,9 +24,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from daemon.device_tensor import DeviceTensor
-from daemon.engines.tensorrt.builder import require_cuda, require_tensorrt, trt_logger
-from daemon.errors import ConfigError, InvalidArgument, Unavailable
+from daemon.engines.tensorrt.builder import logged_errors, require_cuda, require_tensorrt, trt_logger
+from daemon.engines.tensorrt.faults import is_sticky, report_sticky_fault
+from daemon.errors import ConfigError, InvalidArgument, TegradError, Unavailable
 from daemon.tensor_spec import TensorSpec
+
+log = logging.getLogger("tegrad.engines.tensorrt")
 
 if TYPE_CHECKING:  # annotations only: tests/tensorrt_api checks the calls on them against the real bindings
     import tensorrt as trt
@@ -99,9 +103,36 @@ class _Slot:
         self.context = context
         self.stream = stream
         self.buffers: dict[str, _Buffer] = {}
-        # Around the device path's execution: ``done`` is what a postprocessing stream waits on,
-        # and the pair times the infer stage on the GPU itself.
+        # Around every execution: ``done`` is what a postprocessing stream, or the next slot using
+        # the shared activation memory, waits on; the pair times the infer stage on the GPU itself.
         self.started, self.done = cuda.Event(), cuda.Event()
+
+    def release(self) -> None:
+        """Drop the last references while the caller holds the context current on this thread:
+        pycuda then destroys events and stream in their context at once, never later from the
+        garbage collector on another thread ("out-of-thread context could not be cleaned up")."""
+        for buf in self.buffers.values():
+            buf.free()
+        self.buffers.clear()
+        self.started = self.done = None
+        self.context = None
+        self.stream = None
+
+
+class _SharedMemory:
+    """One block of activation memory for every execution context of an engine. Executions that
+    use it are ordered on the GPU (each waits for the previous user's ``done`` event), not on
+    the host: a slot queues its work and returns, as before."""
+
+    def __init__(self, cuda, size: int) -> None:
+        self.block = cuda.mem_alloc(max(int(size), 1))
+        self.size = int(size)
+        self.lock = threading.Lock()
+        self.last = None  # the ``done`` event of the slot that used the block last
+
+    def free(self) -> None:
+        self.block.free()
+        self.last = None
 
 
 class TrtEngine:
@@ -121,6 +152,8 @@ class TrtEngine:
         self._out_types: dict[str, np.dtype] = {}  # every engine output: TensorRT needs an address for each
         self._zero_copy = False
         self._closed = False
+        self._shared: _SharedMemory | None = None
+        self._failure = ""  # the first sticky CUDA error: the engine is UNAVAILABLE from then on
 
     @classmethod
     def load(
@@ -134,6 +167,7 @@ class TrtEngine:
         precision: str,
         engine_id: str,
         dla_core: int = -1,
+        share_memory: bool = True,
     ) -> TrtEngine:
         trt = require_tensorrt()
         cuda = require_cuda()
@@ -141,7 +175,7 @@ class TrtEngine:
         try:
             self._ctx.push()
             try:
-                self._open(trt, Path(plan_path), instances, max_batch, dla_core)
+                self._open(trt, Path(plan_path), instances, max_batch, dla_core, share_memory and instances > 1)
             finally:
                 cuda.Context.pop()
         except BaseException:
@@ -153,7 +187,7 @@ class TrtEngine:
     def slots(self) -> int:
         return len(self._slots)
 
-    def _open(self, trt, plan_path: Path, instances: int, max_batch: int, dla_core: int) -> None:
+    def _open(self, trt, plan_path: Path, instances: int, max_batch: int, dla_core: int, share: bool) -> None:
         cuda = self._cuda
         logger = trt_logger()
         logger.errors.clear()
@@ -186,8 +220,10 @@ class TrtEngine:
             device.get_attribute(cuda.device_attribute.CAN_MAP_HOST_MEMORY)
         )
         max_out: dict[str, int] = {}
+        if share:
+            self._shared = _SharedMemory(cuda, engine.device_memory_size_v2)
         for _ in range(instances):
-            context = engine.create_execution_context()
+            context = self._create_context(trt, engine)
             if context is None:
                 raise RuntimeError(f"{plan_path}: TensorRT could not create an execution context (out of GPU memory?)")
             slot = _Slot(cuda, context, cuda.Stream())
@@ -205,6 +241,17 @@ class TrtEngine:
                 slot.buffers[name] = _Buffer(cuda, math.prod(max_in[name]), dtype, mapped=False)
             for name, dtype in self._out_types.items():
                 slot.buffers[name] = _Buffer(cuda, max_out[name], dtype, mapped=self._zero_copy)
+
+    def _create_context(self, trt, engine: trt.ICudaEngine) -> trt.IExecutionContext | None:
+        if self._shared is None:
+            return engine.create_execution_context()
+        if hasattr(engine, "create_execution_context_without_device_memory"):  # TensorRT 10
+            context = engine.create_execution_context_without_device_memory()
+        else:  # TensorRT 11 replaced it with the allocation strategy
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is not None:
+            context.set_device_memory(int(self._shared.block), self._shared.size)
+        return context
 
     def _check_specs(self, io: dict, plan_path: Path) -> None:
         where = f"{plan_path}:"
@@ -227,25 +274,56 @@ class TrtEngine:
         if unfed:
             raise ConfigError(f"{where} engine inputs {', '.join(map(repr, unfed))} are missing from the model's inputs")
 
+    def _usable(self) -> None:
+        if self._failure:
+            raise Unavailable(f"TensorRT engine {self.engine_id} is UNAVAILABLE after a CUDA error: {self._failure}")
+        if self._closed:
+            raise Unavailable(f"TensorRT engine {self.engine_id} is closed")
+
     def _slot(self, slot: int) -> _Slot:
+        self._usable()
         s = self._slots[slot] if 0 <= slot < len(self._slots) else None
-        if s is None or self._closed:
-            raise Unavailable(f"TensorRT engine {self.engine_id} is closed or has no slot {slot}")
+        if s is None:
+            raise Unavailable(f"TensorRT engine {self.engine_id} has no slot {slot}")
         return s
+
+    @property
+    def failure(self) -> str:
+        """The CUDA error that made the engine UNAVAILABLE; empty while it serves."""
+        return self._failure
 
     def infer(self, feeds: dict[str, np.ndarray], slot: int = 0) -> dict[str, np.ndarray]:
         s = self._slot(slot)
         with s.lock:
-            if self._closed:
-                raise Unavailable(f"TensorRT engine {self.engine_id} is closed")
+            self._usable()
             self._ctx.push()
             try:
                 return self._run(s, feeds)
-            except BaseException:
+            except TegradError:
                 s.stream.synchronize()  # queued copies still read the pinned buffers the next batch refills
+                raise
+            except Exception as exc:
+                self._fault(s, exc)
                 raise
             finally:
                 self._cuda.Context.pop()
+
+    def _fault(self, s: _Slot, exc: Exception) -> None:
+        """After an error from CUDA or TensorRT: a sticky one makes the engine UNAVAILABLE with it
+        (and is reported once, for the process to restart); any other one leaves it serving."""
+        message = str(exc) or type(exc).__name__
+        logged = logged_errors()
+        sticky = is_sticky(message) or is_sticky(logged)
+        if not sticky:
+            try:
+                s.stream.synchronize()  # queued copies still read the pinned buffers the next batch refills
+                return
+            except Exception as again:  # the context broke meanwhile; synchronizing only repeats it
+                sticky = True
+                message = f"{message}; then {again}"
+        self._failure = message + (f" (TensorRT: {logged})" if logged and logged not in message else "")
+        report_sticky_fault(f"TensorRT engine {self.engine_id}: {self._failure}")
+        raise Unavailable(f"TensorRT engine {self.engine_id} is UNAVAILABLE after a CUDA error: {self._failure}") from None
 
     def _fit(self, slot: _Slot, name: str, elements: int, dtype: np.dtype, mapped: bool) -> _Buffer:
         buf = slot.buffers[name]
@@ -284,8 +362,7 @@ class TrtEngine:
             buf = self._fit(s, name, n, dtype, mapped=self._zero_copy)
             context.set_tensor_address(name, buf.ptr)
             results.append((name, shape, buf.host[:n]))
-        if not context.execute_async_v3(s.stream.handle):
-            raise RuntimeError(f"TensorRT could not run engine {self.engine_id}: {' | '.join(trt_logger().errors)}")
+        self._execute(s)
         if not self._zero_copy:
             for name, _, host in results:
                 cuda.memcpy_dtoh_async(host, s.buffers[name].ptr, s.stream)
@@ -323,11 +400,15 @@ class TrtEngine:
         """
         s = self._slot(slot)
         with s.lock:
-            if self._closed:
-                raise Unavailable(f"TensorRT engine {self.engine_id} is closed")
+            self._usable()
             self._ctx.push()
             try:
                 return self._enqueue(s, shapes, wait_for)
+            except TegradError:
+                raise
+            except Exception as exc:
+                self._fault(s, exc)
+                raise
             finally:
                 self._cuda.Context.pop()
 
@@ -349,11 +430,25 @@ class TrtEngine:
                 outputs[name] = DeviceTensor(buf.ptr, shape, dtype)
         if wait_for is not None:
             s.stream.wait_for_event(wait_for)
+        self._execute(s)
+        return outputs
+
+    def _execute(self, s: _Slot) -> None:
+        shared = self._shared
+        if shared is None:
+            self._launch(s)
+            return
+        with shared.lock:  # held only while queueing: the GPU, not the host, waits for the block
+            if shared.last is not None and shared.last is not s.done:
+                s.stream.wait_for_event(shared.last)
+            self._launch(s)
+            shared.last = s.done
+
+    def _launch(self, s: _Slot) -> None:
         s.started.record(s.stream)
-        if not context.execute_async_v3(s.stream.handle):
+        if not s.context.execute_async_v3(s.stream.handle):
             raise RuntimeError(f"TensorRT could not run engine {self.engine_id}: {' | '.join(trt_logger().errors)}")
         s.done.record(s.stream)
-        return outputs
 
     def infer_ms(self, slot: int) -> float:
         """GPU milliseconds of the slot's last ``infer_device`` execution (waits for it to finish)."""
@@ -376,14 +471,20 @@ class TrtEngine:
             self._closed = True
             self._ctx.push()
             try:
-                for s in slots:
-                    s.stream.synchronize()  # the device path returns before its work is done
-                    for buf in s.buffers.values():
-                        buf.free()
-                    s.buffers.clear()
-                    s.context = None
-                    s.stream = None
+                try:
+                    for s in slots:
+                        if not self._failure:  # on a poisoned context synchronizing only raises again
+                            s.stream.synchronize()  # the device path returns before its work is done
+                        s.release()
+                    if self._shared is not None:  # after the contexts that use it
+                        self._shared.free()
+                except Exception:
+                    if not self._failure:
+                        raise
+                    # A poisoned context refuses frees too; the process restart reclaims everything.
+                    log.warning("TensorRT engine %s: freeing on a failed CUDA context", self.engine_id, exc_info=True)
                 self._slots = []
+                self._shared = None
                 self._engine = None  # contexts before engine before runtime, as TensorRT requires
                 self._runtime = None
             finally:
