@@ -104,7 +104,11 @@ def models(args) -> int:
             try:
                 config = stub.ModelConfig(pb.ModelConfigRequest(name=m.name, version=m.version), timeout=10).config
                 p = {k: v.string_value for k, v in config.parameters.items()}
-                layers = "/".join(p.get(f"layers_{x}", "?") for x in ("int8", "fp16", "fp32"))
+                # A TensorRT engine reports layers_<precision>@<device>; the column sums the devices.
+                layers = "/".join(str(sum(int(v) for k, v in p.items() if k.partition("@")[0] == f"layers_{x}"))
+                                  for x in ("int8", "fp16", "fp32"))
+                dla = sum(int(v) for k, v in p.items() if k.startswith("layers_") and k.endswith("@dla"))
+                layers += f" (dla {dla})" if dla else ""
                 engine = (config.backend, p.get("precision", "?"), p.get("engine_id", "?"),
                           p.get("calibration_cache_id") or "-", layers)
             except grpc.RpcError:  # unloaded between the two calls

@@ -19,6 +19,7 @@ from daemon.config import load_model_config
 from daemon.engines.availability import tensorrt_unavailable
 from daemon.engines.cache import EngineCache
 from daemon.engines.factory import EngineFactory
+from daemon.engines.tensorrt.layers import by_precision
 from daemon.engines.tensorrt.platform import describe, tensorrt_version
 from daemon.engines.worker import BuildPool
 from daemon.errors import TegradError
@@ -84,7 +85,8 @@ async def _rows(backends: list[str], precisions: list[str], cache_dir: Path) -> 
             top1 = logits.argmax(1)
             if reference is None:  # the first row is FP32 ONNX Runtime
                 reference = top1
-            layers = "/".join(str(prepared.layers.get(p, 0)) for p in ("int8", "fp16", "fp32"))
+            totals = by_precision(prepared.layers)
+            layers = "/".join(str(totals.get(p, 0)) for p in ("int8", "fp16", "fp32"))
             rows.append([backend, precision, f"{build_s:.2f}", f"{latency:.3f}",
                          f"{100 * float((top1 == reference).mean()):.2f}", f"{100 * float((top1 == y).mean()):.2f}",
                          layers, prepared.key[:16]])

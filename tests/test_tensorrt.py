@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import subprocess
 import sys
@@ -442,3 +443,96 @@ def test_sticky_errors_are_recognised_from_pycuda_and_tensorrt_messages():
     assert is_sticky("IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (an illegal memory access was encountered)")
     assert not is_sticky("cuMemAlloc failed: out of memory")
     assert not is_sticky("input 'x' shape [3] is outside the engine's range")
+
+
+# --- DLA: one static shape; engine-level precision from the inspector's JSON ---
+
+
+def test_dla_forces_a_static_profile_from_dla_batch_or_opt_batch():
+    dla = opts(dla_core=0, min_batch=1, opt_batch=8)
+    assert B.profile_shapes({"x": (-1, 3, 4, 4)}, 64, dla) == {"x": ((8, 3, 4, 4),) * 3}
+    assert B.profile_shapes({"x": (-1, 3)}, 64, opts(dla_core=0, opt_batch=8, dla_batch=16))["x"] == ((16, 3),) * 3
+    assert B.profile_shapes({"x": (-1, 3)}, 32, opts(dla_core=1))["x"] == ((32, 3),) * 3  # max_batch
+    with pytest.raises(ConfigError, match="dla_batch 128 is above max_batch 64"):
+        B.profile_shapes({"x": (-1, 3)}, 64, opts(dla_core=0, dla_batch=128))
+    with pytest.raises(ConfigError, match="DLA core takes one static shape"):
+        B.profile_shapes({"x": (-1, 3)}, 4, opts(dla_core=0, profile=[prof("x", [1, 3], [2, 3], [4, 3])]))
+    # The GPU keeps its dynamic range.
+    assert B.profile_shapes({"x": (-1, 3)}, 64, opts(opt_batch=8))["x"] == ((1, 3), (8, 3), (64, 3))
+
+
+def test_a_static_batch_engine_runs_larger_batches_in_chunks_and_pads_smaller_ones(monkeypatch, faults):
+    seen = []
+
+    def run(s, feeds):
+        x = feeds["x"]
+        seen.append(len(x))
+        return {"y": x * 2}
+
+    engine, _ = _fake_engine(monkeypatch, run)
+    engine._static_batch = 4
+    x = np.arange(20, dtype=np.float32).reshape(10, 2)
+    out = engine.infer({"x": x})["y"]
+    assert seen == [4, 4, 4]  # 4 + 4 + 2 padded to 4
+    np.testing.assert_array_equal(out, x * 2)
+    assert engine.infer({"x": x[:1]})["y"].shape == (1, 2)
+
+
+def test_engine_inspector_layers_give_precision_and_device():
+    from daemon.engines.tensorrt import layers as L
+
+    found = L.parse((ROOT / "tests" / "data" / "engine_inspector_detailed.json").read_text())
+    assert [(x.precision, x.device) for x in found] == [
+        ("fp32", "gpu"), ("int8", "gpu"), ("fp16", "gpu"), ("fp16", "dla"), ("fp32", "gpu")]  # NoOp left out
+    counts = L.counts(found)
+    assert counts == {"fp16@dla": 1, "fp16@gpu": 1, "fp32@gpu": 2, "int8@gpu": 1}
+    assert L.by_precision(counts) == {"fp16": 2, "fp32": 2, "int8": 1}
+    assert L.by_precision({"int8": 3, "fp32": 1}) == {"int8": 3, "fp32": 1}  # an ONNX count passes through
+    table = L.table([vars(x) for x in found])
+    assert table.splitlines()[0].split() == ["LAYER", "TYPE", "PRECISION", "DEVICE"]
+    assert "{ForeignNode[/blocks.0/Conv.../blocks.1/Add]}  DLA" in table
+
+
+def test_engine_inspector_without_detail_or_json_is_told_apart():
+    from daemon.engines.tensorrt import layers as L
+
+    assert [x.precision for x in L.parse('{"Layers": ["conv1", "fc"], "Bindings": []}')] == ["unknown", "unknown"]
+    with pytest.raises(ValueError, match="no JSON"):
+        L.parse("Name: conv1")
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_tegrad_inspect_prints_the_per_layer_table_of_a_tensorrt_engine(tmp_path):
+    from dataclasses import asdict
+
+    from daemon.engines.tensorrt import layers as L
+
+    found = L.parse((ROOT / "tests" / "data" / "engine_inspector_detailed.json").read_text())
+    entry = tmp_path / "entries" / ("ab" * 32)
+    entry.mkdir(parents=True)
+    # What the factory stores for a TensorRT build (meta.json of the engine cache).
+    (entry / "meta.json").write_text(json.dumps({
+        "key": "ab" * 32, "model": "digits", "version": 2, "backend": "tensorrt", "precision": "int8",
+        "layers": L.counts(found), "build_info": {"engine_layers": [asdict(x) for x in found],
+                                                  "dla_placement": {"dla": 9, "gpu": 3, "fp32": 1}}}))
+    done = _cli("inspect", "digits", "--engine-cache-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("model digits version 2: engine abababababababab, tensorrt int8; layers fp16@dla 1")
+    assert "DLA before the build: 9 layers on DLA, 3 on the GPU (1 in FP32)" in done.stdout
+    assert any(line.split()[-2:] == ["int8", "gpu"] and line.startswith("/conv1/Conv + /relu1/Relu") for line in lines)
+    missing = _cli("inspect", "nope", "--engine-cache-dir", str(tmp_path))
+    assert missing.returncode == 1 and "no engine for model 'nope'" in missing.stdout
+
+
+def test_tegrad_inspect_of_an_onnxruntime_engine_shows_the_onnx_count(tmp_path):
+    done = _cli("selftest", "--precisions", "int8", "--cache-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    shown = _cli("inspect", "digits", "--engine-cache-dir", str(tmp_path))
+    assert shown.returncode == 0, shown.stderr
+    assert "onnxruntime int8; layers fp16 0, fp32 0, int8 5" in shown.stdout, shown.stdout
+    assert "ONNX Runtime engines are counted in the lowered ONNX" in shown.stdout

@@ -157,7 +157,9 @@ class EngineFactory:
             metrics.ENGINE_BUILDS.labels(*labels, "success").inc()
             key = engine_key(result.lowered_sha256, backend.fingerprint)
             meta = {"backend": config.backend, "precision": config.precision, "fingerprint": backend.fingerprint,
-                    "lowered_sha256": result.lowered_sha256, "layers": result.layers, "model": config.name,
+                    # TensorRT: the built engine's layers by precision@device (its inspector); else the ONNX count.
+                    "lowered_sha256": result.lowered_sha256, "layers": result.info.get("layer_counts") or result.layers,
+                    "model": config.name,
                     "version": version, "build_seconds": round(result.seconds, 3),
                     "peak_rss_mb": round(result.peak_rss_mb, 1), "build_info": result.info}
             entry = await asyncio.to_thread(self.cache.store, key, result.artifact, meta)

@@ -154,6 +154,7 @@ class TrtEngine:
         self._closed = False
         self._shared: _SharedMemory | None = None
         self._failure = ""  # the first sticky CUDA error: the engine is UNAVAILABLE from then on
+        self._static_batch = 0
 
     @classmethod
     def load(
@@ -209,8 +210,12 @@ class TrtEngine:
         self._check_specs(io, plan_path)
         self._in_types = {n: dt for n, (is_in, dt, _) in io.items() if is_in}
         self._out_types = {n: dt for n, (is_in, dt, _) in io.items() if not is_in}
-        max_in = {n: tuple(engine.get_tensor_profile_shape(n, 0)[2]) for n in self._in_types}
-        if max_batch > 0:
+        profile = {n: engine.get_tensor_profile_shape(n, 0) for n in self._in_types}
+        max_in = {n: tuple(p[2]) for n, p in profile.items()}
+        if max_batch > 0 and profile and all(p[0] and tuple(p[0]) == tuple(p[2]) for p in profile.values()):
+            # A DLA engine takes one batch size: larger batches run in chunks, smaller ones padded.
+            self._static_batch = int(next(iter(max_in.values()))[0])
+        elif max_batch > 0:
             short = {n: s[0] for n, s in max_in.items() if s and s[0] < max_batch}
             if short:
                 raise ConfigError(f"{plan_path}: the engine takes batches up to {min(short.values())} but max_batch is "
@@ -298,6 +303,8 @@ class TrtEngine:
             self._usable()
             self._ctx.push()
             try:
+                if self._static_batch:
+                    return self._run_static(s, feeds)
                 return self._run(s, feeds)
             except TegradError:
                 s.stream.synchronize()  # queued copies still read the pinned buffers the next batch refills
@@ -307,6 +314,26 @@ class TrtEngine:
                 raise
             finally:
                 self._cuda.Context.pop()
+
+    def _run_static(self, s: _Slot, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        size = self._static_batch
+        n = {len(a) for a in feeds.values()}
+        if len(n) != 1:
+            raise InvalidArgument(f"inputs have different batch sizes {sorted(n)}")
+        total = n.pop()
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, total, size):
+            count = min(size, total - start)
+            chunk = {}
+            for name, arr in feeds.items():
+                part = arr[start:start + count]
+                if count < size:
+                    part = np.concatenate([part, np.zeros((size - count, *arr.shape[1:]), arr.dtype)])
+                chunk[name] = part
+            parts.append({k: v[:count] for k, v in self._run(s, chunk).items()})
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _fault(self, s: _Slot, exc: Exception) -> None:
         """After an error from CUDA or TensorRT: a sticky one makes the engine UNAVAILABLE with it
@@ -414,6 +441,13 @@ class TrtEngine:
 
     def _enqueue(self, s: _Slot, shapes: dict[str, tuple[int, ...]], wait_for) -> dict[str, DeviceTensor]:
         context = s.context
+        rows = None
+        if self._static_batch:  # the buffers hold the static batch; rows past the request's are ignored
+            rows = {int(shape[0]) for shape in shapes.values()}.pop() if shapes else 0
+            if rows > self._static_batch:
+                raise InvalidArgument(f"this DLA engine runs batches of exactly {self._static_batch}; got {rows} "
+                                      f"(set max_batch <= tensorrt.dla_batch for GPU preprocessing)")
+            shapes = {k: (self._static_batch, *v[1:]) for k, v in shapes.items()}
         for name in self._in_types:
             if name not in shapes:
                 raise InvalidArgument(f"input {name!r} is missing")
@@ -427,7 +461,7 @@ class TrtEngine:
             buf = self._fit(s, name, math.prod(shape), dtype, mapped=self._zero_copy)
             context.set_tensor_address(name, buf.ptr)
             if name in wanted:
-                outputs[name] = DeviceTensor(buf.ptr, shape, dtype)
+                outputs[name] = DeviceTensor(buf.ptr, shape if rows is None else (rows, *shape[1:]), dtype)
         if wait_for is not None:
             s.stream.wait_for_event(wait_for)
         self._execute(s)
