@@ -536,3 +536,53 @@ def test_tegrad_inspect_of_an_onnxruntime_engine_shows_the_onnx_count(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "onnxruntime int8; layers fp16 0, fp32 0, int8 5" in shown.stdout, shown.stdout
     assert "ONNX Runtime engines are counted in the lowered ONNX" in shown.stdout
+
+
+# --- prebuilt engines (model.plan / model.engine): found in the version directory ---
+
+
+def _config(**kw):
+    from daemon.config import ModelConfig
+
+    return ModelConfig(**kw)
+
+
+def test_a_version_directory_with_a_plan_is_a_tensorrt_version(tmp_path):
+    from daemon.repository import layout
+
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.onnx").write_bytes(b"onnx")
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "model.plan").write_bytes(b"plan")
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "model.engine").write_bytes(b"engine")
+    trt_config, ort_config = _config(backend="tensorrt"), _config()
+    assert layout.versions_on_disk(tmp_path, layout.model_filenames(trt_config)) == [1, 2, 3]
+    assert layout.versions_on_disk(tmp_path, layout.model_filenames(ort_config)) == [1]
+    assert layout.model_file(tmp_path / "1", trt_config).name == "model.onnx"  # the ONNX wins: tegrad builds it
+    assert layout.model_file(tmp_path / "2", trt_config).name == "model.plan"
+    assert layout.model_file(tmp_path / "3", trt_config).name == "model.engine"
+    assert layout.model_file(tmp_path / "2", ort_config).name == "model.onnx"  # does not exist: NotFound later
+    named = _config(backend="tensorrt", default_model_filename="model.plan")  # Triton's spelling
+    assert layout.model_filenames(named) == ("model.plan", "model.engine")
+
+
+def test_a_prebuilt_engine_is_never_lowered_and_needs_the_tensorrt_backend(tmp_path):
+    import asyncio
+
+    from daemon.engines.cache import EngineCache
+    from daemon.engines.factory import EngineFactory
+    from daemon.engines.worker import BuildPool
+
+    plan = tmp_path / "1" / "model.plan"
+    plan.parent.mkdir()
+    plan.write_bytes(b"ftrt-not-really")
+    factory = EngineFactory(EngineCache(tmp_path / "cache", 1 << 20), BuildPool())
+    with pytest.raises(ConfigError, match='prebuilt TensorRT engine is served by backend = "tensorrt"'):
+        asyncio.run(factory.prepare(_config(name="m"), tmp_path, 1, plan))
+    if HAS_TENSORRT:
+        pytest.skip("with TensorRT installed the plan reaches the runner: see the tensorrt-marked tests")
+    with pytest.raises(ConfigError, match="needs the tensorrt Python package"):
+        asyncio.run(factory.prepare(_config(name="m", backend="tensorrt", precision="fp16"), tmp_path, 1, plan))
+    assert not any((tmp_path / "cache").rglob("*.onnx"))  # nothing was lowered or built
+    assert plan.read_bytes() == b"ftrt-not-really"

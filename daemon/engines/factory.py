@@ -104,6 +104,8 @@ class EngineFactory:
     async def prepare(self, config: ModelConfig, model_dir: Path, version: int, model_file: Path,
                       report: Callable[[str], None] = lambda s: None, source_sha: str | None = None) -> Prepared:
         """``source_sha``: the model file's sha256 when the caller has already read it."""
+        if model_file.suffix in (".plan", ".engine"):
+            return await self._prebuilt(config, model_dir, version, model_file, report, source_sha)
         name = config.name
         calib = calibration_path(config, model_dir)
         backend = await asyncio.to_thread(_backend, config)
@@ -129,6 +131,35 @@ class EngineFactory:
             raise ConfigError(f"model {name} version {version}: the engine fails its warm-up run: {exc}") from None
         return Prepared(engine, entry.key, calib_sha[:16] if calib_sha else "", dict(entry.meta.get("layers", {})),
                         build_seconds is None, build_seconds)
+
+    async def _prebuilt(self, config: ModelConfig, model_dir: Path, version: int, plan: Path,
+                        report: Callable[[str], None], source_sha: str | None) -> Prepared:
+        """A TensorRT engine built elsewhere (trtexec, DeepStream): loaded as it is, if this TensorRT
+        on this GPU can run it; calibration and lowering do not apply."""
+        if config.backend != "tensorrt":
+            raise ConfigError(f"{plan}: a prebuilt TensorRT engine is served by backend = \"tensorrt\"; "
+                              f"config.toml says {config.backend!r}")
+        ignored = [k for k, v in (("calibration_cache", config.calibration_cache), ("exclude", config.exclude)) if v]
+        if ignored or config.precision != "fp32":
+            log.warning("model %s version %d: %s is a prebuilt engine; calibration and lowering do not apply, "
+                        "so %s in config.toml changes nothing (the engine runs in what it was built in)",
+                        config.name, version, plan.name, ", ".join(ignored + ["precision"]))
+        from daemon.engines.tensorrt import runner as trt_runner
+
+        key = source_sha or await asyncio.to_thread(sha256_file, plan)
+        report("loading")
+        engine = await asyncio.to_thread(
+            trt_runner.load, plan, inputs=None, outputs=None, instances=config.instances,
+            max_batch=config.max_batch, precision=config.precision, engine_id=key[:16],
+            dla_core=config.tensorrt.dla_core, share_memory=config.tensorrt.share_activation_memory,
+            resolve=lambda i, o: specs.resolve(i, o, config, model_dir), prebuilt=True)
+        try:
+            report("warming up")
+            await asyncio.to_thread(warm_up, engine, config.build.warmup_runs)
+        except Exception as exc:
+            engine.close()
+            raise ConfigError(f"model {config.name} version {version}: the engine fails its warm-up run: {exc}") from None
+        return Prepared(engine, key, "", dict(engine.layer_counts), True, None)
 
     async def _build(self, config: ModelConfig, version: int, model_file: Path, calib: Path | None,
                      backend: _Backend, recipe: str, report: Callable[[str], None]):

@@ -18,16 +18,18 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from daemon.device_tensor import DeviceTensor
+from daemon.engines.tensorrt import layers
 from daemon.engines.tensorrt.builder import logged_errors, require_cuda, require_tensorrt, trt_logger
 from daemon.engines.tensorrt.faults import is_sticky, report_sticky_fault
 from daemon.errors import ConfigError, InvalidArgument, TegradError, Unavailable
-from daemon.tensor_spec import TensorSpec
+from daemon.tensor_spec import TensorSpec, datatype_of
 
 log = logging.getLogger("tegrad.engines.tensorrt")
 
@@ -71,6 +73,15 @@ def _primary_context(cuda):
         if _primary is None:
             _primary = cuda.Device(0).retain_primary_context()
         return _primary
+
+
+def _inspected_counts(trt, engine: trt.ICudaEngine) -> dict[str, int]:
+    try:
+        info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+        found = layers.parse(info)
+    except Exception:  # an engine built without detailed profiling verbosity says little: no counts
+        return {}
+    return {} if all(x.precision == "unknown" for x in found) else layers.counts(found)
 
 
 class _Buffer:
@@ -153,6 +164,9 @@ class TrtEngine:
         self._zero_copy = False
         self._closed = False
         self._shared: _SharedMemory | None = None
+        self._resolve = None
+        self._prebuilt = False
+        self.layer_counts: dict[str, int] = {}  # a prebuilt engine's inspector, when it was built to tell
         self._failure = ""  # the first sticky CUDA error: the engine is UNAVAILABLE from then on
         self._static_batch = 0
 
@@ -161,18 +175,23 @@ class TrtEngine:
         cls,
         plan_path: Path,
         *,
-        inputs: list[TensorSpec],
-        outputs: list[TensorSpec],
+        inputs: list[TensorSpec] | None,
+        outputs: list[TensorSpec] | None,
         instances: int,
         max_batch: int,
         precision: str,
         engine_id: str,
         dla_core: int = -1,
         share_memory: bool = True,
+        resolve: Callable[[list[TensorSpec], list[TensorSpec]], tuple[list[TensorSpec], list[TensorSpec]]] | None = None,
+        prebuilt: bool = False,
     ) -> TrtEngine:
+        """``resolve``: for a plan without its ONNX (``prebuilt``), turns the engine's own I/O into
+        the model's specs (checked against config.toml) instead of ``inputs``/``outputs``."""
         trt = require_tensorrt()
         cuda = require_cuda()
-        self = cls(cuda, inputs, outputs, precision=precision, engine_id=engine_id)
+        self = cls(cuda, inputs or [], outputs or [], precision=precision, engine_id=engine_id)
+        self._resolve, self._prebuilt = resolve, prebuilt
         try:
             self._ctx.push()
             try:
@@ -197,16 +216,25 @@ class TrtEngine:
             self._runtime.DLA_core = dla_core
         self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self._engine is None:
-            raise ConfigError(
-                f"{plan_path}: TensorRT {trt.__version__} cannot load this engine plan (built by another TensorRT "
-                f"version or for another GPU?); delete it to rebuild: {' | '.join(logger.errors)}"
-            )
+            device = cuda.Device(0)
+            here = f"TensorRT {trt.__version__} on {device.name()} (compute capability {'.'.join(map(str, device.compute_capability()))})"
+            said = " | ".join(logger.errors) or "no reason given"
+            if self._prebuilt:
+                raise ConfigError(f"{plan_path}: this engine was not built by {here}, which is what runs here "
+                                  f"(TensorRT says: {said}); build it on this device with this TensorRT, or put the "
+                                  "model's ONNX in the version directory and let tegrad build it")
+            raise ConfigError(f"{plan_path}: {here} cannot load this engine plan (built by another TensorRT version "
+                              f"or for another GPU?); delete it to rebuild: {said}")
         engine = self._engine
         io = {}
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             io[name] = (is_input, numpy_dtype(trt, engine.get_tensor_dtype(name), name), tuple(engine.get_tensor_shape(name)))
+        if self._resolve is not None:
+            graph = {flag: [TensorSpec(n, datatype_of(dt), shape) for n, (is_in, dt, shape) in io.items() if is_in == flag]
+                     for flag in (True, False)}
+            self.inputs, self.outputs = self._resolve(graph[True], graph[False])
         self._check_specs(io, plan_path)
         self._in_types = {n: dt for n, (is_in, dt, _) in io.items() if is_in}
         self._out_types = {n: dt for n, (is_in, dt, _) in io.items() if not is_in}
@@ -218,8 +246,11 @@ class TrtEngine:
         elif max_batch > 0:
             short = {n: s[0] for n, s in max_in.items() if s and s[0] < max_batch}
             if short:
+                fix = "set max_batch to at most that" if self._prebuilt else "delete the plan to rebuild it"
                 raise ConfigError(f"{plan_path}: the engine takes batches up to {min(short.values())} but max_batch is "
-                                  f"{max_batch}; delete the plan to rebuild it")
+                                  f"{max_batch}; {fix}")
+        if self._prebuilt:
+            self.layer_counts = _inspected_counts(trt, engine)
         device = cuda.Device(0)
         self._zero_copy = bool(device.get_attribute(cuda.device_attribute.INTEGRATED)) and bool(
             device.get_attribute(cuda.device_attribute.CAN_MAP_HOST_MEMORY)
