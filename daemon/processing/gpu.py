@@ -211,4 +211,10 @@ class GpuPreprocessor:
             self.output.free()
             self._spec_dev.free()
             self._host_out.base.free()
+            # The last references, dropped with the context current: pycuda destroys the events and
+            # our stream here and now, not later from the garbage collector on another thread.
+            for st in self._staging:
+                st.uploaded = None
+            self.start = self.uploaded = self.done = None
+            self.stream = None
         self.gpu.close()

@@ -252,4 +252,7 @@ class GpuPostprocessor:
             self._pred_host.base.free()
             if hasattr(self, "_transforms_host"):
                 self._transforms_host.base.free()
+            # Destroyed in their context now (see GpuPreprocessor.close), not by the garbage collector.
+            self.start = self.decoded = self.done = None
+            self.stream = None
         self.gpu.close()
