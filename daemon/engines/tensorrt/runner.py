@@ -349,6 +349,8 @@ class TrtEngine:
     def _run_static(self, s: _Slot, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         size = self._static_batch
         n = {len(a) for a in feeds.values()}
+        if not n:
+            return self._run(s, feeds)  # which names the missing input
         if len(n) != 1:
             raise InvalidArgument(f"inputs have different batch sizes {sorted(n)}")
         total = n.pop()
