@@ -100,6 +100,8 @@ def test_option_fingerprint_is_canonical():
     assert B._canonical_options(a) == B._canonical_options(b)  # GPU fallback means nothing off the DLA
     assert B._canonical_options(opts(dla_core=0)) != B._canonical_options(opts(dla_core=0, gpu_fallback=False))
     assert B._canonical_options(opts()) != B._canonical_options(opts(workspace_mb=256))
+    assert "dla_batch" not in B._canonical_options(opts(dla_batch=8))  # GPU engines keep their ids
+    assert B._canonical_options(opts(dla_core=0)) != B._canonical_options(opts(dla_core=0, dla_batch=8))
 
 
 # --- without TensorRT ---

@@ -177,11 +177,11 @@ class Scanner(ast.NodeVisitor):
             return self.call(node)
         for child in ast.iter_child_nodes(node):  # operators, subscripts, comprehensions: check inside
             if isinstance(child, ast.expr):
-                self.walk_expr(child)
+                self.typeof(child)
             elif isinstance(child, ast.comprehension):
-                self.walk_expr(child.iter)
+                self.typeof(child.iter)
                 for cond in child.ifs:
-                    self.walk_expr(cond)
+                    self.typeof(cond)
         return None
 
     def attribute(self, node: ast.Attribute, base, store: bool = False) -> object | None:
@@ -358,7 +358,8 @@ class Scanner(ast.NodeVisitor):
         guard = self.guard_of(node.test)
         if guard is None:
             self.typeof(node.test)
-            self.generic_visit_test_free(node)
+            for stmt in [*node.body, *node.orelse]:
+                self.visit(stmt)
             return
         key, truth, polarity = guard
         for body, branch in ((node.body, polarity), (node.orelse, not polarity)):
@@ -372,10 +373,6 @@ class Scanner(ast.NodeVisitor):
             self.branches.append({"guard": key, "branch": branch, "entered": truth == branch,
                                   "uses": len(self.uses) - before, "line": body[0].lineno, "file": self.path})
 
-    def generic_visit_test_free(self, node: ast.If) -> None:
-        for stmt in [*node.body, *node.orelse]:
-            self.visit(stmt)
-
     def visit_Expr(self, node: ast.Expr) -> None:
         self.typeof(node.value)
 
@@ -388,10 +385,7 @@ class Scanner(ast.NodeVisitor):
             if isinstance(child, ast.stmt):
                 self.visit(child)
             elif isinstance(child, ast.expr):
-                self.walk_expr(child)
-
-    def walk_expr(self, expr) -> None:
-        self.typeof(expr)
+                self.typeof(child)
 
 
 def _owner(base):

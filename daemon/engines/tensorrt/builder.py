@@ -92,9 +92,10 @@ def _canonical_options(options: TensorRTOptions) -> str:
         "gpu_fallback": options.gpu_fallback if options.dla_core >= 0 else None,
         "min_batch": options.min_batch,
         "opt_batch": options.opt_batch,
-        "dla_batch": options.dla_batch if options.dla_core >= 0 else None,
         "profile": sorted([p.input, p.min, p.opt, p.max] for p in options.profile),
     }
+    if options.dla_core >= 0:  # only there: GPU engines keep the ids they had
+        build["dla_batch"] = options.dla_batch
     return json.dumps(build, sort_keys=True, separators=(",", ":"))
 
 
