@@ -375,14 +375,11 @@ def inspect_plan(trt, logger, plan) -> dict:
     try:
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            return {}
-        inspector = engine.create_engine_inspector()
-        found = layers.parse(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        found = layers.of_engine(trt, engine) if engine is not None else []
     except Exception as exc:  # a missing layer table must not fail a good build
         log.warning("TensorRT engine inspector: %s", exc)
         return {}
-    if not found or all(layer.precision == "unknown" for layer in found):
+    if not found:
         return {}
     return {"engine_layers": [asdict(layer) for layer in found], "layer_counts": layers.counts(found)}
 

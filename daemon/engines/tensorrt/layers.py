@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: tests/tensorrt_api checks the calls on them against the real bindings
+    import tensorrt as trt
 
 # Words of "Format/Datatype", in the order they are tried ("BFloat16" before "Float").
 _TYPES = (("int8", "int8"), ("fp8", "fp8"), ("bfloat16", "bf16"), ("fp16", "fp16"), ("half", "fp16"),
@@ -69,6 +73,13 @@ def parse(info: str) -> list[EngineLayer]:
             continue
         layers.append(EngineLayer(str(raw.get("Name", "")), kind, _precision(raw), _device(raw)))
     return layers
+
+
+def of_engine(trt, engine: trt.ICudaEngine) -> list[EngineLayer]:
+    """The engine's layers from its inspector; [] when it names no precisions (an engine built
+    without detailed profiling verbosity), so that another count stands."""
+    found = parse(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    return [] if all(x.precision == "unknown" for x in found) else found
 
 
 def counts(layers: list[EngineLayer]) -> dict[str, int]:

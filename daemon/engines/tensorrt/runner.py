@@ -75,15 +75,6 @@ def _primary_context(cuda):
         return _primary
 
 
-def _inspected_counts(trt, engine: trt.ICudaEngine) -> dict[str, int]:
-    try:
-        info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
-        found = layers.parse(info)
-    except Exception:  # an engine built without detailed profiling verbosity says little: no counts
-        return {}
-    return {} if all(x.precision == "unknown" for x in found) else layers.counts(found)
-
-
 class _Buffer:
     """A pinned host array plus the device address TensorRT reads or writes."""
 
@@ -250,7 +241,10 @@ class TrtEngine:
                 raise ConfigError(f"{plan_path}: the engine takes batches up to {min(short.values())} but max_batch is "
                                   f"{max_batch}; {fix}")
         if self._prebuilt:
-            self.layer_counts = _inspected_counts(trt, engine)
+            try:
+                self.layer_counts = layers.counts(layers.of_engine(trt, engine))
+            except Exception as exc:  # the counts are for show: a plan that runs is served without them
+                log.warning("%s: TensorRT engine inspector: %s", plan_path, exc)
         device = cuda.Device(0)
         self._zero_copy = bool(device.get_attribute(cuda.device_attribute.INTEGRATED)) and bool(
             device.get_attribute(cuda.device_attribute.CAN_MAP_HOST_MEMORY)
