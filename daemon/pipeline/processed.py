@@ -33,13 +33,13 @@ import numpy as np
 
 from daemon.config import ModelConfig
 from daemon.engines.availability import cuda_unavailable
-from daemon.engines.base import TensorSpec
 from daemon.errors import ConfigError, InvalidArgument
 from daemon.processing.budget import DecodeBudget, daemon_budget
 from daemon.processing.cpu import CpuPostprocessor, CpuPreprocessor
 from daemon.processing.images import BatchDecoder, CheckedImage, check_batch, frames_batch
 from daemon.processing.spec import bind_input, bind_output
 from daemon.telemetry.metrics import IMAGES_CORRUPT
+from daemon.tensor_spec import TensorSpec
 
 log = logging.getLogger("tegrad.images")
 

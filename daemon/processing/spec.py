@@ -30,7 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from calib.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec
-from daemon.engines.base import TensorSpec
+from daemon.tensor_spec import TensorSpec
 
 # Keys shared with calib's PreprocessSpec; everything else in the table is serving-only.
 _SPEC_KEYS = (
