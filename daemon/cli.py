@@ -45,6 +45,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--build-jobs", type=int, default=1,
                    help="engine builds that may run at once, each in its own worker process (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--telemetry-period", type=float, default=1.0, metavar="SECONDS",
+                   help="read Jetson/GPU telemetry every SECONDS for /metrics; 0 = off (default: %(default)s)")
+    p.add_argument("--telemetry-root", type=Path, default=Path("/"), metavar="DIR",
+                   help="where the device's /sys, /proc and /etc are mounted, e.g. the host's in a container (default: /)")
     r = p.add_argument_group("rollouts (admin API, signed bundles)")
     r.add_argument("--admin-socket", default=None, metavar="PATH",
                    help="Unix socket of the admin API, owner-only (default: <state-dir>/admin.sock; '' turns it off)")
@@ -96,6 +100,8 @@ def _serve(args) -> int:
         auto_activate=args.auto_activate,
         dropbox=args.dropbox,
         max_bundle_bytes=int(args.max_bundle_mb * (1 << 20)),
+        telemetry_period=args.telemetry_period,
+        telemetry_root=args.telemetry_root,
     )
     return asyncio.run(serve(opts))
 

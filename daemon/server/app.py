@@ -32,6 +32,7 @@ from daemon.server import tls
 from daemon.server.admin_service import AdminService
 from daemon.server.inference_service import InferenceService
 from daemon.server.lifecycle import Lifecycle, sd_notify, watchdog_interval
+from daemon.telemetry.collector import start_device_telemetry
 
 log = logging.getLogger("tegrad")
 
@@ -67,6 +68,8 @@ class ServeOptions:
     auto_activate: bool = False
     dropbox: Path | None = None
     max_bundle_bytes: int = 4 << 30
+    telemetry_period: float = 1.0  # seconds between device telemetry reads; 0 = off
+    telemetry_root: Path = Path("/")  # where the device's /sys, /proc and /etc are (a container's host mount)
 
 
 class Health(HealthServicer):
@@ -174,6 +177,7 @@ async def serve(opts: ServeOptions) -> int:
 
     metrics_server, metrics_thread = start_http_server(opts.metrics_port, addr=opts.host)
     metrics_port = metrics_server.server_port
+    device_telemetry = start_device_telemetry(opts.telemetry_period, opts.telemetry_root)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -224,6 +228,8 @@ async def serve(opts: ServeOptions) -> int:
     await models.shutdown()
     for task in background:
         task.cancel()
+    if device_telemetry is not None:
+        device_telemetry.stop()
     metrics_server.shutdown()
     metrics_thread.join(timeout=5)
     store.close()
