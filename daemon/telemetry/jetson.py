@@ -196,63 +196,80 @@ def clock_state(root: Path | str = "/") -> ClockState:
 @dataclass(frozen=True)
 class _Rail:
     label: str
-    voltage: Path   # inN_input, mV
-    current: Path   # currN_input, mA
+    voltage: str   # inN_input, mV
+    current: str   # currN_input, mA
 
 
 @dataclass(frozen=True)
-class _Zone:
-    name: str
-    path: Path
-    trips: tuple[tuple[str, Path, Path], ...]  # (index, temp file, type file)
+class _Cpu:
+    label: str
+    online: str | None  # None: no online file (cpu0), the kernel's online list decides
+    cur: str
+    lo: str
+    hi: str
 
 
 class JetsonTelemetry:
-    """One Jetson's readings; ``read()`` returns the current values of everything readable."""
+    """One Jetson's readings; ``read()`` returns the current values of everything readable.
+
+    Which files exist (chips, zones, rails, cores) is settled once here; their paths are kept
+    as strings, since joining paths cost as much as the reads themselves at ~150 files a period.
+    """
 
     def __init__(self, root: Path | str = "/") -> None:
         self.root = root = Path(root)
         self.info = board_info(root)
-        self._gpus = _gpu_devfreqs(root)
-        self._cpus = numbered(root / "sys/devices/system/cpu", "cpu")
-        self._zones = [self._zone(z) for z in numbered(root / "sys/devices/virtual/thermal", "thermal_zone")]
-        self._cooling = [(c.name, read_text(c / "type") or "") for c in
-                         numbered(root / "sys/devices/virtual/thermal", "cooling_device")]
+        self._gpus = [(name, str(d / "device/load"), str(d / "cur_freq"), str(d / "min_freq"), str(d / "max_freq"))
+                      for name, d in _gpu_devfreqs(root)]
+        cpu_dir = root / "sys/devices/system/cpu"
+        self._cpu_list = str(cpu_dir / "online")
+        self._cpus = [_Cpu(c.name[3:], str(c / "online") if (c / "online").exists() else None,
+                           str(c / "cpufreq/scaling_cur_freq"), str(c / "cpufreq/scaling_min_freq"),
+                           str(c / "cpufreq/scaling_max_freq")) for c in numbered(cpu_dir, "cpu")]
+        thermal = root / "sys/devices/virtual/thermal"
+        self._zones = []  # (zone name, temp file, ((trip index, trip type, trip temp file), ...))
+        for z in numbered(thermal, "thermal_zone"):
+            trips = sorted(((t.name.split("_")[2], t) for t in z.glob("trip_point_*_temp")), key=lambda x: int(x[0]))
+            self._zones.append((read_text(z / "type") or z.name, str(z / "temp"), tuple(
+                (index, read_text(z / f"trip_point_{index}_type") or "", str(t)) for index, t in trips)))
+        self._cooling = [((c.name, read_text(c / "type") or ""), str(c / "cur_state"), str(c / "max_state"))
+                         for c in numbered(thermal, "cooling_device")]
         self._rails: list[_Rail] = []
-        self._fans: list[Path] = []
-        self._tachs: list[Path] = []
-        self._overcurrent: list[Path] = []
+        self._fans: list[tuple[str, str]] = []
+        self._tachs: list[str] = []
+        self._overcurrent: list[tuple[str, str]] = []
         for hwmon in numbered(root / "sys/class/hwmon", "hwmon"):
             name = read_text(hwmon / "name")
             if name == "ina3221":
                 for n in (1, 2, 3):  # in4-6 are shunt voltages, in7/curr4 the sum: not rails
                     label = read_text(hwmon / f"in{n}_label")
                     if label and label != "NC":
-                        self._rails.append(_Rail(label, hwmon / f"in{n}_input", hwmon / f"curr{n}_input"))
+                        self._rails.append(_Rail(label, str(hwmon / f"in{n}_input"), str(hwmon / f"curr{n}_input")))
             elif name == "pwmfan":
-                self._fans.append(hwmon)
+                self._fans.extend((pwm.name[3:], str(pwm)) for pwm in sorted(hwmon.glob("pwm[0-9]")))
             elif name == "pwm_tach":
-                self._tachs.append(hwmon)
+                self._tachs.append(str(hwmon / "rpm"))
             elif name == "soctherm_oc":
-                self._overcurrent.extend(sorted(hwmon.glob("oc*_event_cnt")))
+                self._overcurrent.extend((c.name.split("_")[0], str(c)) for c in sorted(hwmon.glob("oc*_event_cnt")))
         self._emc_rate = self._first_file("sys/kernel/debug/bpmp/debug/clk/emc/rate",
                                           "sys/kernel/debug/clk/emc/clk_rate", "sys/class/devfreq/bwmgr/cur_freq")
         self._emc_max = self._first_file("sys/kernel/debug/bpmp/debug/clk/emc/max_rate", "sys/class/devfreq/bwmgr/max_freq")
+        self._emc_cap = str(root / "sys/kernel/nvpmodel_emc_cap/emc_iso_cap")
         self._emc_activity = self._first_file("sys/kernel/debug/cactmon/mc_all",
                                               "sys/kernel/debug/bpmp/debug/actmon/mc_all_avg_activity",
                                               "sys/kernel/actmon_avg_activity/mc_all")
+        self._meminfo = str(root / "proc/meminfo")
         self._nvpmodel_names = nvpmodel_names(root)
 
-    def _first_file(self, *candidates: str) -> Path | None:
-        return next((self.root / c for c in candidates if (self.root / c).exists()), None)
+    def _first_file(self, *candidates: str) -> str | None:
+        return next((str(self.root / c) for c in candidates if (self.root / c).exists()), None)
 
-    @staticmethod
-    def _zone(path: Path) -> _Zone:
-        trips = []
-        for temp in path.glob("trip_point_*_temp"):
-            index = temp.name.split("_")[2]
-            trips.append((index, temp, path / f"trip_point_{index}_type"))
-        return _Zone(read_text(path / "type") or path.name, path, tuple(sorted(trips, key=lambda t: int(t[0]))))
+    def _online(self, cpu: _Cpu, online_list: set[int] | None) -> int | None:
+        if cpu.online is not None:
+            return read_int(cpu.online)
+        if online_list is None:
+            return 1 if cpu.label == "0" else None  # cpu0 cannot go offline
+        return 1 if int(cpu.label) in online_list else 0
 
     def read(self) -> list[Reading]:
         out: list[Reading] = []
@@ -265,43 +282,42 @@ class JetsonTelemetry:
         i = self.info
         add(m.JETSON_INFO, (i.model, i.module, i.soc, i.l4t, i.jetpack, i.cuda, i.tensorrt), 1)
         limits: list[tuple[int | None, int | None]] = []
-        for name, d in self._gpus:
-            add(m.JETSON_GPU_LOAD, (name,), read_int(d / "device/load"), per=1000)  # 0-1000
-            add(m.JETSON_GPU_FREQ, (name,), read_int(d / "cur_freq"))
-            lo, hi = read_int(d / "min_freq"), read_int(d / "max_freq")
+        for name, load, cur, lo_file, hi_file in self._gpus:
+            add(m.JETSON_GPU_LOAD, (name,), read_int(load), per=1000)  # 0-1000
+            add(m.JETSON_GPU_FREQ, (name,), read_int(cur))
+            lo, hi = read_int(lo_file), read_int(hi_file)
             add(m.JETSON_GPU_FREQ_MIN, (name,), lo)
             add(m.JETSON_GPU_FREQ_MAX, (name,), hi)
             limits.append((lo, hi))
         self._read_emc(add)
+        online_list = _cpu_list(read_text(self._cpu_list)) if any(c.online is None for c in self._cpus) else None
         for cpu in self._cpus:
-            label = (cpu.name[3:],)
-            online = _cpu_online(cpu)
+            label = (cpu.label,)
+            online = self._online(cpu, online_list)
             add(m.JETSON_CPU_ONLINE, label, online)
             if online != 0:  # offline cores have no cpufreq files to read
-                add(m.JETSON_CPU_FREQ, label, read_int(cpu / "cpufreq/scaling_cur_freq"), times=1000)  # kHz
-                lo, hi = read_int(cpu / "cpufreq/scaling_min_freq"), read_int(cpu / "cpufreq/scaling_max_freq")
+                add(m.JETSON_CPU_FREQ, label, read_int(cpu.cur), times=1000)  # kHz
+                lo, hi = read_int(cpu.lo), read_int(cpu.hi)
                 add(m.JETSON_CPU_FREQ_MIN, label, lo, times=1000)
                 add(m.JETSON_CPU_FREQ_MAX, label, hi, times=1000)
                 limits.append((lo, hi))
         self._read_memory(add)
-        for zone in self._zones:
-            temp = read_int(zone.path / "temp")
+        for zone, temp_file, trips in self._zones:
+            temp = read_int(temp_file)
             if temp is not None and temp / 1e3 > _UNPOWERED_C:
-                add(m.JETSON_TEMPERATURE, (zone.name,), temp, per=1000)  # m°C
-            for index, temp_file, type_file in zone.trips:
-                add(m.JETSON_TRIP, (zone.name, index, read_text(type_file) or ""), read_int(temp_file), per=1000)
-        for device, kind in self._cooling:
-            base = self.root / "sys/devices/virtual/thermal" / device
-            add(m.JETSON_COOLING_STATE, (device, kind), read_int(base / "cur_state"))
-            add(m.JETSON_COOLING_MAX_STATE, (device, kind), read_int(base / "max_state"))
-        for counter in self._overcurrent:
-            add(m.JETSON_OVERCURRENT, (counter.name.split("_")[0],), read_int(counter))
+                add(m.JETSON_TEMPERATURE, (zone,), temp, per=1000)  # m°C
+            for index, kind, trip_file in trips:
+                add(m.JETSON_TRIP, (zone, index, kind), read_int(trip_file), per=1000)
+        for labels, cur, top in self._cooling:
+            add(m.JETSON_COOLING_STATE, labels, read_int(cur))
+            add(m.JETSON_COOLING_MAX_STATE, labels, read_int(top))
+        for event, counter in self._overcurrent:
+            add(m.JETSON_OVERCURRENT, (event,), read_int(counter))
         self._read_power(add)
-        for hwmon in self._fans:
-            for pwm in sorted(hwmon.glob("pwm[0-9]")):
-                add(m.JETSON_FAN_PWM, (pwm.name[3:],), read_int(pwm), per=255)
-        for n, hwmon in enumerate(self._tachs, start=1):
-            add(m.JETSON_FAN_RPM, (str(n),), read_int(hwmon / "rpm"))
+        for fan, pwm in self._fans:
+            add(m.JETSON_FAN_PWM, (fan,), read_int(pwm), per=255)
+        for n, rpm in enumerate(self._tachs, start=1):
+            add(m.JETSON_FAN_RPM, (str(n),), read_int(rpm))
         mode = nvpmodel_mode(self.root, self._nvpmodel_names)
         if mode is not None:
             add(m.JETSON_NVPMODEL, (str(mode[0]), mode[1]), 1)
@@ -315,7 +331,7 @@ class JetsonTelemetry:
         add(m.JETSON_EMC_FREQ, (), rate)
         if self._emc_max:
             top = read_int(self._emc_max)
-            cap = read_int(self.root / "sys/kernel/nvpmodel_emc_cap/emc_iso_cap")
+            cap = read_int(self._emc_cap)
             if top is not None and cap:
                 top = min(top, cap)
             add(m.JETSON_EMC_FREQ_MAX, (), top)
@@ -326,7 +342,7 @@ class JetsonTelemetry:
 
     def _read_memory(self, add) -> None:
         info: dict[str, int] = {}
-        for line in read_lines(self.root / "proc/meminfo"):
+        for line in read_lines(self._meminfo):
             key, _, rest = line.partition(":")
             fields = rest.split()
             if fields and fields[0].isdigit():

@@ -7,13 +7,18 @@ JetPack releases, and each of those must cost only the one value.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
-def read_text(path: Path) -> str | None:
+def read_text(path: Path | str) -> str | None:
+    # os.open/os.read: a third of the cost of open() with its buffered file object, at ~150 files a period.
     try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 16)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     # Device-tree properties end in NUL; sysfs values in a newline.
@@ -21,7 +26,7 @@ def read_text(path: Path) -> str | None:
     return text or None
 
 
-def read_int(path: Path) -> int | None:
+def read_int(path: Path | str) -> int | None:
     text = read_text(path)
     if text is None:
         return None
@@ -31,7 +36,7 @@ def read_int(path: Path) -> int | None:
         return None
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: Path | str) -> list[str]:
     text = read_text(path)
     return text.splitlines() if text else []
 
