@@ -32,6 +32,7 @@ from daemon.server import tls
 from daemon.server.admin_service import AdminService
 from daemon.server.inference_service import InferenceService
 from daemon.server.lifecycle import Lifecycle, sd_notify, watchdog_interval
+from daemon.telemetry import metrics
 from daemon.telemetry.collector import start_device_telemetry
 
 log = logging.getLogger("tegrad")
@@ -93,6 +94,7 @@ class Health(HealthServicer):
             for name in ("", INFERENCE_SERVICE):
                 await self.set(name, status)
             self._last = serving
+            metrics.READY.set(1 if serving else 0)
 
     async def track(self) -> None:
         # Model loads and unloads change readiness at any time; polling catches them.

@@ -75,7 +75,7 @@ def start_device_telemetry(period: float, root: Path | str = "/") -> DeviceTelem
     if reason is None:
         jetson = JetsonTelemetry(root)
         sources.append(jetson)
-        log.info("Jetson telemetry every %g s: %s, L4T %s (JetPack %s)", period, jetson.info.model or "unknown model",
+        log.info("Jetson telemetry every %g s: %s, L4T %s (JetPack %s)", period, jetson.info.board or "unknown model",
                  jetson.info.l4t or "?", jetson.info.jetpack or "?")
     else:
         log.info("no tegrad_jetson_* metrics: %s", reason)

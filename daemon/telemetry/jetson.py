@@ -40,7 +40,7 @@ _PMODE = re.compile(r"pmode:\s*(\d+)")
 
 @dataclass(frozen=True)
 class BoardInfo:
-    model: str = ""
+    board: str = ""  # the device-tree model, e.g. "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
     module: str = ""
     soc: str = ""
     l4t: str = ""
@@ -116,7 +116,7 @@ def board_info(root: Path | str = "/") -> BoardInfo:
     if not l4t and "nvidia-l4t-core" in packages:
         l4t = packages["nvidia-l4t-core"]
     tensorrt = next((packages[p] for p in trt_packages if p in packages), "")
-    return BoardInfo(model=read_text(root / "proc/device-tree/model") or "", module=module, soc=soc, l4t=l4t,
+    return BoardInfo(board=read_text(root / "proc/device-tree/model") or "", module=module, soc=soc, l4t=l4t,
                      jetpack=jetpack_for(l4t), cuda=_cuda_version(root), tensorrt=tensorrt)
 
 
@@ -280,7 +280,7 @@ class JetsonTelemetry:
                 out.append((metric, labels, value * times / per))
 
         i = self.info
-        add(m.JETSON_INFO, (i.model, i.module, i.soc, i.l4t, i.jetpack, i.cuda, i.tensorrt), 1)
+        add(m.JETSON_INFO, (i.board, i.module, i.soc, i.l4t, i.jetpack, i.cuda, i.tensorrt), 1)
         limits: list[tuple[int | None, int | None]] = []
         for name, load, cur, lo_file, hi_file in self._gpus:
             add(m.JETSON_GPU_LOAD, (name,), read_int(load), per=1000)  # 0-1000

@@ -52,6 +52,11 @@ INFLIGHT = Gauge(
     "Requests accepted and not yet answered (queued or executing).",
     ["model", "version"],
 )
+READY = Gauge(
+    "tegrad_ready",
+    "1 while the server is ready (gRPC health SERVING): started, not draining, every model it serves has a "
+    "READY version.",
+)
 MODEL_STATE = Gauge(
     "tegrad_model_state",
     "1 for the state a model version is in, 0 for the others.",
@@ -142,7 +147,8 @@ class DeviceMetric:
 JETSON_INFO = DeviceMetric(
     "tegrad_jetson_info", "Always 1; labels name the board (device-tree model, module, SoC) and its software "
     "(L4T release, JetPack, CUDA, TensorRT; empty where unknown).",
-    ("model", "module", "soc", "l4t", "jetpack", "cuda", "tensorrt"))
+    # "board", not "model": model is the served model's label on every other tegrad series.
+    ("board", "module", "soc", "l4t", "jetpack", "cuda", "tensorrt"))
 JETSON_GPU_LOAD = DeviceMetric("tegrad_jetson_gpu_load_ratio", "GPU busy fraction (0-1) from the devfreq device's load.", ("gpu",))
 JETSON_GPU_FREQ = DeviceMetric("tegrad_jetson_gpu_frequency_hertz", "GPU clock now.", ("gpu",))
 JETSON_GPU_FREQ_MIN = DeviceMetric("tegrad_jetson_gpu_frequency_min_hertz", "Lowest GPU clock the governor may pick.", ("gpu",))

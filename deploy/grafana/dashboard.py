@@ -99,6 +99,8 @@ ROWS: list[tuple[str, list[dict]]] = [
               unit="ops"),
     ]),
     ("Models and engines", [
+        panel("Server ready", "1 while the server is ready (gRPC health SERVING): every model it serves has a READY version.",
+              [q(f"max by (instance) (tegrad_ready{{{D}}})", "{{instance}}")], kind="stat", w=24, h=4),
         table("Model versions and their state", "Current state of every model version (LOADING, READY, UNAVAILABLE, UNLOADING).",
               [q(f"max by (instance, model, version, state) (tegrad_model_state{{{M}}}) == 1")]),
         table("Engines in use", "Backend, precision, engine id and calibration cache id of each loaded version.",
@@ -208,7 +210,7 @@ ROWS: list[tuple[str, list[dict]]] = [
                q(f"tegrad_jetson_cooling_state{{{D}}} / tegrad_jetson_cooling_max_state{{{D}}}", "{{instance}} {{type}}")]),
         table("Power mode and clocks", "nvpmodel mode and whether jetson_clocks pins the clocks (1 = on).",
               [q(f"tegrad_jetson_nvpmodel_mode{{{D}}}"), q(f"tegrad_jetson_clocks_enabled{{{D}}}")]),
-        table("Boards", "Model, module, SoC, L4T, JetPack, CUDA and TensorRT of each device; discrete GPUs.",
+        table("Boards", "Board, module, SoC, L4T, JetPack, CUDA and TensorRT of each device; discrete GPUs.",
               [q(f"tegrad_jetson_info{{{D}}}"), q(f"tegrad_gpu_info{{{D}}}")]),
     ]),
 ]

@@ -38,7 +38,7 @@ EMPTY_UNTIL_PRECISION_MONITOR = [
     "Calibration saturation (worst tensor)", "Most saturated tensors", "Input drift",
 ]
 DEVICE_ROW = "Device"
-ALERTS = {"TegradDown", "TegradModelNotReady", "TegradHighErrorRatio", "TegradHighP99Latency", "TegradQueueNearFull",
+ALERTS = {"TegradDown", "TegradNotReady", "TegradHighErrorRatio", "TegradHighP99Latency", "TegradQueueNearFull",
           "TegradResourceExhausted", "TegradEngineBuildFailed", "TegradRolloutFailed", "TegradPrecisionAgreementLow",
           "TegradInputDriftHigh", "JetsonThermalThrottling", "JetsonOverCurrentThrottling", "DeviceMemoryPressure"}
 
@@ -86,7 +86,11 @@ class Prometheus:
             self.proc = subprocess.Popen(
                 [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
                  f"--web.listen-address=127.0.0.1:{self.port}"], stdout=log, stderr=subprocess.STDOUT)
-        _wait(self._ready, 60, f"Prometheus ready on {self.url}\n{self._log()}")
+        try:
+            _wait(self._ready, 60, f"Prometheus ready on {self.url}")
+        except BaseException:
+            self.stop()
+            raise
 
     def _log(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
