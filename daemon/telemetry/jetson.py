@@ -20,7 +20,7 @@ from pathlib import Path
 
 from daemon.telemetry import metrics as m
 from daemon.telemetry.metrics import Reading
-from daemon.telemetry.sysfs import numbered, read_int, read_lines, read_text
+from daemon.telemetry.sysfs import numbered, read_file, read_int, read_lines, read_text
 
 # devfreq of_node names of the integrated GPUs (Xavier gv11b, Orin ga10b / gpu, TX2 gp10b, Thor gb10b).
 GPU_NODES = frozenset({"ga10b", "gv11b", "gp10b", "gb10b", "gpu"})
@@ -86,7 +86,7 @@ def _dpkg_versions(root: Path, packages: tuple[str, ...]) -> dict[str, str]:
     """Versions of installed Debian packages from dpkg's status file (no subprocess, no root)."""
     found: dict[str, str] = {}
     name = ""
-    for line in read_lines(root / "var/lib/dpkg/status"):
+    for line in (read_file(root / "var/lib/dpkg/status") or "").splitlines():
         if line.startswith("Package: "):
             name = line[9:].strip()
         elif line.startswith("Version: ") and name in packages:
@@ -121,7 +121,7 @@ def board_info(root: Path | str = "/") -> BoardInfo:
 
 
 def nvpmodel_names(root: Path) -> dict[int, str]:
-    text = read_text(root / "etc/nvpmodel.conf") or ""
+    text = read_file(root / "etc/nvpmodel.conf") or ""
     return {int(i): name for i, name in _POWER_MODEL.findall(text)}
 
 
@@ -147,19 +147,29 @@ def _cpu_list(text: str | None) -> set[int] | None:
     return out
 
 
-def _cpu_online(cpu: Path) -> int | None:
-    path = cpu / "online"
-    if path.exists():
-        return read_int(path)
-    # cpu0 cannot go offline and has no online file; the kernel's list covers it.
-    online = _cpu_list(read_text(cpu.parent / "online"))
-    if online is None:
-        return 1 if cpu.name == "cpu0" else None
-    return 1 if int(cpu.name[3:]) in online else 0
+@dataclass(frozen=True)
+class _Cpu:
+    label: str
+    online: str | None  # None: no online file (cpu0), the kernel's online list decides
+    cur: str
+    lo: str
+    hi: str
 
 
-def _online_cpus(root: Path) -> list[Path]:
-    return [cpu for cpu in numbered(root / "sys/devices/system/cpu", "cpu") if _cpu_online(cpu) == 1]
+def _cores(root: Path) -> tuple[str, list[_Cpu]]:
+    """The kernel's online list file, and every core's files."""
+    base = root / "sys/devices/system/cpu"
+    return str(base / "online"), [
+        _Cpu(c.name[3:], str(c / "online") if (c / "online").exists() else None, str(c / "cpufreq/scaling_cur_freq"),
+             str(c / "cpufreq/scaling_min_freq"), str(c / "cpufreq/scaling_max_freq")) for c in numbered(base, "cpu")]
+
+
+def _online(cpu: _Cpu, online_list: set[int] | None) -> int | None:
+    if cpu.online is not None:
+        return read_int(cpu.online)
+    if online_list is None:
+        return 1 if cpu.label == "0" else None  # cpu0 cannot go offline
+    return 1 if int(cpu.label) in online_list else 0
 
 
 def _gpu_devfreqs(root: Path) -> list[tuple[str, Path]]:
@@ -186,8 +196,9 @@ def clock_state(root: Path | str = "/") -> ClockState:
     """
     root = Path(root)
     mode = nvpmodel_mode(root)
-    limits = [(read_int(c / "cpufreq/scaling_min_freq"), read_int(c / "cpufreq/scaling_max_freq"))
-              for c in _online_cpus(root)]
+    list_file, cores = _cores(root)
+    online_list = _cpu_list(read_text(list_file))
+    limits = [(read_int(c.lo), read_int(c.hi)) for c in cores if _online(c, online_list) == 1]
     limits += [(read_int(d / "min_freq"), read_int(d / "max_freq")) for _, d in _gpu_devfreqs(root)]
     return ClockState(mode_id=mode[0] if mode else None, mode_name=mode[1] if mode else "",
                       jetson_clocks=_pinned(limits))
@@ -198,15 +209,6 @@ class _Rail:
     label: str
     voltage: str   # inN_input, mV
     current: str   # currN_input, mA
-
-
-@dataclass(frozen=True)
-class _Cpu:
-    label: str
-    online: str | None  # None: no online file (cpu0), the kernel's online list decides
-    cur: str
-    lo: str
-    hi: str
 
 
 class JetsonTelemetry:
@@ -221,11 +223,7 @@ class JetsonTelemetry:
         self.info = board_info(root)
         self._gpus = [(name, str(d / "device/load"), str(d / "cur_freq"), str(d / "min_freq"), str(d / "max_freq"))
                       for name, d in _gpu_devfreqs(root)]
-        cpu_dir = root / "sys/devices/system/cpu"
-        self._cpu_list = str(cpu_dir / "online")
-        self._cpus = [_Cpu(c.name[3:], str(c / "online") if (c / "online").exists() else None,
-                           str(c / "cpufreq/scaling_cur_freq"), str(c / "cpufreq/scaling_min_freq"),
-                           str(c / "cpufreq/scaling_max_freq")) for c in numbered(cpu_dir, "cpu")]
+        self._cpu_list, self._cpus = _cores(root)
         thermal = root / "sys/devices/virtual/thermal"
         self._zones = []  # (zone name, temp file, ((trip index, trip type, trip temp file), ...))
         for z in numbered(thermal, "thermal_zone"):
@@ -264,13 +262,6 @@ class JetsonTelemetry:
     def _first_file(self, *candidates: str) -> str | None:
         return next((str(self.root / c) for c in candidates if (self.root / c).exists()), None)
 
-    def _online(self, cpu: _Cpu, online_list: set[int] | None) -> int | None:
-        if cpu.online is not None:
-            return read_int(cpu.online)
-        if online_list is None:
-            return 1 if cpu.label == "0" else None  # cpu0 cannot go offline
-        return 1 if int(cpu.label) in online_list else 0
-
     def read(self) -> list[Reading]:
         out: list[Reading] = []
 
@@ -293,7 +284,7 @@ class JetsonTelemetry:
         online_list = _cpu_list(read_text(self._cpu_list)) if any(c.online is None for c in self._cpus) else None
         for cpu in self._cpus:
             label = (cpu.label,)
-            online = self._online(cpu, online_list)
+            online = _online(cpu, online_list)
             add(m.JETSON_CPU_ONLINE, label, online)
             if online != 0:  # offline cores have no cpufreq files to read
                 add(m.JETSON_CPU_FREQ, label, read_int(cpu.cur), times=1000)  # kHz

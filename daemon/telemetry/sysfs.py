@@ -26,6 +26,14 @@ def read_text(path: Path | str) -> str | None:
     return text or None
 
 
+def read_file(path: Path | str) -> str | None:
+    """A whole regular file (dpkg's status, nvpmodel.conf), beyond the one read sysfs values need."""
+    try:
+        return Path(path).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
 def read_int(path: Path | str) -> int | None:
     text = read_text(path)
     if text is None:

@@ -15,7 +15,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.telemetry import metrics as m
 from daemon.telemetry.collector import DeviceTelemetry, start_device_telemetry
-from daemon.telemetry.jetson import ClockState, JetsonTelemetry, clock_state, jetpack_for, not_jetson_reason
+from daemon.telemetry.jetson import (
+    ClockState,
+    JetsonTelemetry,
+    board_info,
+    clock_state,
+    jetpack_for,
+    not_jetson_reason,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BOARDS = ("orin-nano-jp6", "agx-orin-jp6", "agx-orin-jp5")
@@ -218,6 +225,17 @@ def test_clock_state_without_nvpmodel(tmp_path):
     (root / "var/lib/nvpmodel/status").unlink()
     assert clock_state(root) == ClockState(None, "", True)
     assert clock_state(tmp_path / "empty") == ClockState(None, "", None)
+
+
+def test_board_info_from_a_full_size_dpkg_status(tmp_path):
+    root = tmp_path / "nano"
+    shutil.copytree(FIXTURES / "orin-nano-jp6", root)
+    status = root / "var/lib/dpkg/status"
+    # A JetPack image lists ~2000 packages (megabytes); TensorRT's entry comes late.
+    filler = "".join(f"Package: pkg{i}\nStatus: install ok installed\nVersion: 1.{i}\n\n" for i in range(40000))
+    status.write_text(filler + status.read_text())
+    assert status.stat().st_size > 1 << 20
+    assert board_info(root).tensorrt == "10.3.0.30"
 
 
 def test_jetpack_from_l4t():
