@@ -71,21 +71,25 @@ def start_device_telemetry(period: float, root: Path | str = "/") -> DeviceTelem
         log.info("device telemetry off (--telemetry-period 0)")
         return None
     sources: list[Source] = []
-    reason = not_jetson_reason(root)
-    if reason is None:
-        jetson = JetsonTelemetry(root)
-        sources.append(jetson)
-        log.info("Jetson telemetry every %g s: %s, L4T %s (JetPack %s)", period, jetson.info.board or "unknown model",
-                 jetson.info.l4t or "?", jetson.info.jetpack or "?")
-    else:
-        log.info("no tegrad_jetson_* metrics: %s", reason)
-        # The Jetson collector covers the integrated GPU; NVML is for discrete ones.
-        nvml, why = NvmlTelemetry.probe()
-        if nvml is None:
-            log.info("no tegrad_gpu_* metrics: %s", why)
+    try:
+        reason = not_jetson_reason(root)
+        if reason is None:
+            jetson = JetsonTelemetry(root)
+            sources.append(jetson)
+            log.info("Jetson telemetry every %g s: %s, L4T %s (JetPack %s)", period, jetson.info.board or "unknown board",
+                     jetson.info.l4t or "?", jetson.info.jetpack or "?")
         else:
-            sources.append(nvml)
-            log.info("NVML GPU telemetry every %g s: %d GPU(s)", period, nvml.gpus)
+            log.info("no tegrad_jetson_* metrics: %s", reason)
+            # The Jetson collector covers the integrated GPU; NVML is for discrete ones.
+            nvml, why = NvmlTelemetry.probe()
+            if nvml is None:
+                log.info("no tegrad_gpu_* metrics: %s", why)
+            else:
+                sources.append(nvml)
+                log.info("NVML GPU telemetry every %g s: %d GPU(s)", period, nvml.gpus)
+    except Exception:  # telemetry is an extra: a surprise in the hardware must not keep tegrad from serving
+        log.exception("device telemetry could not start; serving without it")
+        return None
     if not sources:
         return None
     return DeviceTelemetry(sources, period).start()
