@@ -204,7 +204,7 @@ GPU_MEM_TOTAL = DeviceMetric("tegrad_gpu_memory_total_bytes", "GPU memory instal
 GPU_TEMPERATURE = DeviceMetric("tegrad_gpu_temperature_celsius", "GPU die temperature.", ("gpu",))
 GPU_POWER = DeviceMetric("tegrad_gpu_power_watts", "GPU board power draw.", ("gpu",))
 
-DEVICE_METRICS = tuple(v for k, v in list(globals().items()) if isinstance(v, DeviceMetric))
+DEVICE_METRICS = tuple(v for v in list(globals().values()) if isinstance(v, DeviceMetric))
 
 Reading = tuple[DeviceMetric, tuple[str, ...], float]
 
