@@ -49,6 +49,10 @@ def _add_serve(sub) -> None:
                    help="most regions registered at once (default: %(default)s)")
     s.add_argument("--shared-memory-max-mb", type=float, default=1024,
                    help="largest total size of the registered regions (default: %(default)s)")
+    p.add_argument("--telemetry-period", type=float, default=1.0, metavar="SECONDS",
+                   help="read Jetson/GPU telemetry every SECONDS for /metrics; 0 = off (default: %(default)s)")
+    p.add_argument("--telemetry-root", type=Path, default=Path("/"), metavar="DIR",
+                   help="where the device's /sys, /proc and /etc are mounted, e.g. the host's in a container (default: /)")
     r = p.add_argument_group("rollouts (admin API, signed bundles)")
     r.add_argument("--admin-socket", default=None, metavar="PATH",
                    help="Unix socket of the admin API, owner-only (default: <state-dir>/admin.sock; '' turns it off)")
@@ -107,6 +111,8 @@ def _serve(args) -> int:
         allow_shared_memory=args.allow_shared_memory,
         shared_memory_max_regions=args.shared_memory_max_regions,
         shared_memory_max_bytes=int(args.shared_memory_max_mb * (1 << 20)),
+        telemetry_period=args.telemetry_period,
+        telemetry_root=args.telemetry_root,
     )
     return asyncio.run(serve(opts))
 

@@ -34,6 +34,8 @@ from daemon.server.admin_service import AdminService
 from daemon.server.inference_service import InferenceService
 from daemon.server.lifecycle import Lifecycle, sd_notify, watchdog_interval
 from daemon.server.shared_memory import Limits, SharedMemoryRegistry
+from daemon.telemetry import metrics
+from daemon.telemetry.collector import start_device_telemetry
 
 log = logging.getLogger("tegrad")
 
@@ -75,6 +77,8 @@ class ServeOptions:
     allow_shared_memory: bool = False
     shared_memory_max_regions: int = 64
     shared_memory_max_bytes: int = 1 << 30
+    telemetry_period: float = 1.0  # seconds between device telemetry reads; 0 = off
+    telemetry_root: Path = Path("/")  # where the device's /sys, /proc and /etc are (a container's host mount)
 
 
 class Health(HealthServicer):
@@ -98,6 +102,7 @@ class Health(HealthServicer):
             for name in ("", INFERENCE_SERVICE):
                 await self.set(name, status)
             self._last = serving
+            metrics.READY.set(1 if serving else 0)
 
     async def track(self) -> None:
         # Model loads and unloads change readiness at any time; polling catches them.
@@ -187,6 +192,7 @@ async def serve(opts: ServeOptions) -> int:
 
     metrics_server, metrics_thread = start_http_server(opts.metrics_port, addr=opts.host)
     metrics_port = metrics_server.server_port
+    device_telemetry = start_device_telemetry(opts.telemetry_period, opts.telemetry_root)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -238,6 +244,8 @@ async def serve(opts: ServeOptions) -> int:
     shared_memory.close()
     for task in background:
         task.cancel()
+    if device_telemetry is not None:
+        device_telemetry.stop()
     metrics_server.shutdown()
     metrics_thread.join(timeout=5)
     store.close()
