@@ -121,15 +121,21 @@ class Rollouts:
     async def _run(self, op_id: str, path: Path, auto: bool) -> None:
         seconds: dict[str, float] = {}
         work = layout.staging_root(self.root) / op_id
+        # The staging files go before the outcome is reported: whoever watches the operation
+        # finish finds the repository as it will stay.
         try:
-            async with self._staging:
-                version = await self._stage(op_id, path, work, seconds)
+            try:
+                async with self._staging:
+                    version = await self._stage(op_id, path, work, seconds)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, work, True)
             if auto:
                 self.board.update(op_id, state=OP_ACTIVATING, progress="activating")
                 seconds["activate"] = await self.activate(version.model, version.version)
             self.board.update(op_id, state=SUCCEEDED, progress="", stage_seconds=dict(seconds))
             self.uploads.discard(self.board.get(op_id).upload_sha256)
         except asyncio.CancelledError:
+            shutil.rmtree(work, ignore_errors=True)  # the awaited removal may itself have been cancelled
             self._fail(op_id, "tegrad stopped before staging finished", seconds)
             raise
         except TegradError as exc:
@@ -137,8 +143,6 @@ class Rollouts:
         except Exception as exc:  # a bug must fail the operation, not leave it running forever
             log.exception("operation %s failed unexpectedly", op_id)
             self._fail(op_id, f"internal error: {type(exc).__name__}: {exc}", seconds)
-        finally:
-            await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _stage(self, op_id: str, path: Path, work: Path, seconds: dict[str, float]) -> RolloutVersion:
         from daemon.rollout import signing
