@@ -21,12 +21,15 @@ import numpy as np
 from calib.cache import sha256_file
 from daemon.config import ModelConfig
 from daemon.engines import specs
-from daemon.engines.cache import EngineCache, engine_key, recipe_key
+from daemon.engines.cache import EngineCache, engine_key, is_no_space, no_space, recipe_key
 from daemon.engines.worker import BuildFailed, BuildJob, BuildPool
 from daemon.errors import ConfigError
 from daemon.telemetry import metrics
 
 log = logging.getLogger("tegrad.engines")
+
+# What an entry needs besides its artifact (meta.json, recipe, directories): said in a full-disk message.
+_METADATA_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,15 @@ class EngineFactory:
 
     async def _build(self, config: ModelConfig, version: int, model_file: Path, calib: Path | None,
                      backend: _Backend, recipe: str, report: Callable[[str], None]):
+        try:
+            return await self._build_in_scratch(config, version, model_file, calib, backend, recipe, report)
+        except OSError as exc:
+            if is_no_space(exc):  # the scratch directory, the entry's metadata, the recipe
+                raise no_space(self.cache.root, _METADATA_BYTES) from None
+            raise
+
+    async def _build_in_scratch(self, config: ModelConfig, version: int, model_file: Path, calib: Path | None,
+                                backend: _Backend, recipe: str, report: Callable[[str], None]):
         scratch = await asyncio.to_thread(self.cache.scratch)
         job = BuildJob(
             model=config.name, version=version, backend=config.backend, precision=config.precision,

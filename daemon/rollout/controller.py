@@ -38,6 +38,7 @@ from daemon.repository.state import (
     StateStore,
 )
 from daemon.rollout import BundleError
+from daemon.rollout.manifest import MANIFEST
 from daemon.rollout.operations import ACTIVATING as OP_ACTIVATING
 from daemon.rollout.operations import BUILDING, SUCCEEDED, VALIDATING, VERIFYING, OperationBoard
 from daemon.rollout.operations import FAILED as OP_FAILED
@@ -80,6 +81,8 @@ class Rollouts:
 
     def recover(self) -> None:
         """Before models load: fail interrupted work and remove its partial files."""
+        if self.store.lost is not None:
+            self._rebuild_lost_state()
         done = self.store.recover()
         self.board.reload()
         for v in done.staging:
@@ -94,6 +97,40 @@ class Rollouts:
                 metrics.set_validation_scores(v.model, str(v.version), _finite(v.report.get("scores", {})))
         for model in self.store.rollout_models():
             metrics.set_active_version(model, self.store.rollout_model(model)[0])
+
+    def _rebuild_lost_state(self) -> None:
+        """The state database was damaged and replaced (by its backup copy, or empty): record the
+        bundle-installed versions the repository holds that the state does not know. They were
+        validated (only those reach the repository) but whether one was active is not known, so
+        they are held back as STAGED rather than served on a guess."""
+        lost = self.store.lost
+        found = []
+        try:
+            names = layout.model_names(self.root)
+        except (NotFound, OSError):
+            names = []
+        for model in names:
+            known = {v.version for v in self.store.rollout_versions(model)}
+            try:
+                on_disk = layout.versions_on_disk(self.root / model, MANIFEST)
+            except OSError:
+                continue
+            for version in sorted(set(on_disk) - known):
+                self.store.set_rollout_state(model, version, STAGED,
+                                             "recorded again from the repository after the state database was lost; "
+                                             "activate it to serve it")
+                found.append(f"{model} version {version}")
+        if lost.restored:
+            kept = "restored the copy saved at " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lost.restored)) \
+                   + "; operations and state changes after it are lost"
+        else:
+            kept = "no sound copy to restore: the rollout history, validation reports, operations and which " \
+                   "versions were active are lost"
+        active = ", ".join(f"{m} version {self.store.rollout_model(m)[0]}" for m in self.store.rollout_models()
+                           if self.store.rollout_model(m)[0])
+        log.error("state database %s was unreadable (%s) and was moved aside to %s; %s; active versions now: %s; "
+                  "bundle versions recorded again as STAGED: %s", self.store.path, lost.why, lost.moved_to.name, kept,
+                  active or "none (the version policy chooses)", ", ".join(found) or "none")
 
     async def stop(self) -> None:
         for task in list(self._tasks):
