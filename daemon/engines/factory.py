@@ -23,7 +23,7 @@ from daemon.config import ModelConfig
 from daemon.engines import specs
 from daemon.engines.cache import EngineCache, engine_key, is_no_space, no_space, recipe_key
 from daemon.engines.worker import BuildFailed, BuildJob, BuildPool
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, TegradError
 from daemon.telemetry import metrics
 
 log = logging.getLogger("tegrad.engines")
@@ -128,6 +128,8 @@ class EngineFactory:
             await asyncio.to_thread(warm_up, engine, config.build.warmup_runs)
         except Exception as exc:
             engine.close()
+            if isinstance(exc, TegradError):  # the progress report could not be recorded (a full disk)
+                raise
             raise ConfigError(f"model {name} version {version}: the engine fails its warm-up run: {exc}") from None
         return Prepared(engine, entry.key, calib_sha[:16] if calib_sha else "", dict(entry.meta.get("layers", {})),
                         build_seconds is None, build_seconds)

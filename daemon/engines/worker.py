@@ -42,8 +42,8 @@ class BuildNoSpace(BuildFailed, NoSpace):
     def __init__(self, message: str) -> None:
         super().__init__(message, "no_space")
 
-# Room beyond the estimate of an artifact's size (file system metadata, the estimate's error).
-_SLACK = 1 << 20
+# Room beyond the estimate of an artifact's size (file system blocks and metadata).
+_SLACK = 64 << 10
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ class Rollouts:
 
     def _writable(self) -> None:
         if self.options.read_only:
-            raise FailedPrecondition(f"tegrad serves its embedded default repository ({self.root}), which rollouts "
+            raise FailedPrecondition("tegrad serves its embedded default repository, which rollouts "
                                      "do not change; start it with --model-repository DIR to install bundles")
 
     def stage(self, upload_sha: str, auto_activate: bool | None = None, *, source: str = "upload") -> OperationRecord:
@@ -233,11 +233,12 @@ class Rollouts:
         # A FAILED version never has files of its own: whatever is there belongs to someone else.
         if os.path.lexists(self.root / model / str(version)):
             raise AlreadyExists(f"model {model} version {version} already exists in the repository "
-                                f"({self.root / model / str(version)}); a new bundle needs a new version number")
+                                f"({model}/{version}); a new bundle needs a new version number")
         if (self.root / model).exists() and not (self.root / model).is_dir():
-            raise FailedPrecondition(f"{self.root / model} is not a directory")
+            raise FailedPrecondition(f"{model} in the model repository is not a directory")
 
     def _fail(self, op_id: str, error: str, seconds: dict[str, float]) -> None:
+        error = layout.scrub(self.root, error)  # operators read it through the admin API
         op = self.board.update(op_id, state=OP_FAILED, error=error, progress="", stage_seconds=dict(seconds))
         current = self.store.rollout_version(op.model, op.version) if op.model else None
         if current is not None and current.state == STAGING:  # refused before or during the build
