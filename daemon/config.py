@@ -7,6 +7,8 @@ batch dimension when ``max_batch > 0`` (as in Triton).
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Literal
@@ -245,6 +247,8 @@ def load_model_config(config_dir: Path, name: str | None = None, *, shown_as: st
     path = config_dir / CONFIG_FILENAME
     shown = Path(shown_as) if shown_as else path
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            raise ConfigError(f"{shown}: not a regular file")
         with open(path, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:

@@ -79,3 +79,11 @@ def test_hostile_config_files_are_refused_with_the_file_named(tmp_path, content,
 
 def test_missing_config_file_means_defaults(tmp_path):
     assert load_model_config(tmp_path, "m").max_batch == 0
+
+
+def test_config_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "config.toml")  # reading a FIFO would block the load forever
+    with pytest.raises(ConfigError, match="m/config.toml: not a regular file"):
+        load_model_config(tmp_path, "m", shown_as="m/config.toml")

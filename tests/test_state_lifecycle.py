@@ -4,6 +4,7 @@ import sqlite3
 
 import pytest
 
+from daemon.errors import FailedPrecondition
 from daemon.repository.state import StateStore
 from daemon.server.lifecycle import sd_notify, watchdog_interval
 
@@ -103,7 +104,7 @@ def test_a_sound_database_is_never_moved_aside(tmp_path):
     holder.execute("PRAGMA locking_mode=EXCLUSIVE")
     holder.execute("INSERT INTO models(name, loaded, updated) VALUES ('held', 1, 0)")
     try:
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        with pytest.raises(FailedPrecondition, match="database is locked .is another tegrad using this state"):
             StateStore(db)
     finally:
         holder.close()

@@ -23,7 +23,7 @@ from daemon.config import ModelConfig
 from daemon.engines import specs
 from daemon.engines.cache import EngineCache, engine_key, is_no_space, no_space, recipe_key
 from daemon.engines.worker import BuildFailed, BuildJob, BuildPool
-from daemon.errors import ConfigError, TegradError
+from daemon.errors import ConfigError, FailedPrecondition, TegradError
 from daemon.telemetry import metrics
 
 log = logging.getLogger("tegrad.engines")
@@ -138,10 +138,11 @@ class EngineFactory:
                      backend: _Backend, recipe: str, report: Callable[[str], None]):
         try:
             return await self._build_in_scratch(config, version, model_file, calib, backend, recipe, report)
-        except OSError as exc:
-            if is_no_space(exc):  # the scratch directory, the entry's metadata, the recipe
+        except OSError as exc:  # the scratch directory, the entry's metadata, the recipe
+            if is_no_space(exc):
                 raise no_space(self.cache.root, _METADATA_BYTES) from None
-            raise
+            raise FailedPrecondition(f"the engine cache cannot be written ({exc.strerror or exc}): make "
+                                     "--engine-cache-dir writable for tegrad's user") from None
 
     async def _build_in_scratch(self, config: ModelConfig, version: int, model_file: Path, calib: Path | None,
                                 backend: _Backend, recipe: str, report: Callable[[str], None]):

@@ -81,6 +81,7 @@ class ModelEntry:
     name: str
     serving: dict[int, LoadedVersion] = field(default_factory=dict)
     states: dict[int, tuple[str, str]] = field(default_factory=dict)
+    error: str = ""  # why the last load failed before reaching any version (the index shows it)
 
 
 def _fingerprint(config_dir: Path, model_file: Path, config: ModelConfig) -> tuple[str, str]:
@@ -153,11 +154,11 @@ class ModelManager:
     def _set_state(self, name: str, version: int, state: str, reason: str = "", engine_id: str = "", *,
                    must_persist: bool = True) -> None:
         """Record a version's state, in SQLite first: a state that cannot be recorded (disk full)
-        raises NoSpace before anything claims it. ``must_persist=False``: for the states a failure
+        raises (NoSpace) before anything claims it. ``must_persist=False``: for the states a failure
         or an unload ends in, which are kept in memory whatever the disk says."""
         try:
             self.store.set_version_state(name, version, state, reason, engine_id)
-        except NoSpace as exc:
+        except TegradError as exc:  # NoSpace, a read-only state database
             if must_persist:
                 raise
             log.warning("model %s version %d: %s not recorded: %s", name, version, state, exc)
@@ -205,20 +206,24 @@ class ModelManager:
         async with self._lock(name):
             mdir = layout.model_dir(self.root, name)
             self._wanted.add(name)
+            entry = self._models.setdefault(name, ModelEntry(name))
             try:
                 model_config = await asyncio.to_thread(self._config, mdir, name)
                 wanted = [pin] if pin else self._select(name, mdir, model_config)
                 available = [] if wanted else await asyncio.to_thread(
                     layout.versions_on_disk, mdir, model_config.default_model_filename)
-            except OSError as exc:
-                raise layout.file_error(self.root, exc) from None
+            except (OSError, TegradError) as exc:
+                err = layout.file_error(self.root, exc) if isinstance(exc, OSError) else exc
+                entry.error = layout.scrub(self.root, str(err))
+                raise err from None
+            entry.error = ""
             if not wanted:
-                raise InvalidArgument(
+                entry.error = (
                     f"model {name}: no version directory under {name}/ holds {model_config.default_model_filename} "
                     f"and matches the version policy (found versions {available or 'none'}"
                     f"{'; staged versions wait for activation' if self.store.rollout_versions(name) else ''})"
                 )
-            entry = self._models.setdefault(name, ModelEntry(name))
+                raise InvalidArgument(entry.error)
             serving: dict[int, LoadedVersion] = {}
             built: list[LoadedVersion] = []
             failures: list[tuple[TegradError, str]] = []
@@ -285,7 +290,7 @@ class ModelManager:
                     self._set_state(name, lv.version, "READY", "", lv.engine.engine_id)
                 if serving:
                     self.store.set_loaded(name, True)
-            except NoSpace as exc:
+            except TegradError as exc:  # the state cannot be recorded
                 for lv in built:
                     del serving[lv.version]
                     await lv.retire(0)
@@ -457,7 +462,7 @@ class ModelManager:
             entry = self._models.get(name)
             if entry is None or not entry.states:
                 if not ready_only:
-                    rows.append((name, "", "UNAVAILABLE", "not loaded"))
+                    rows.append((name, "", "UNAVAILABLE", (entry.error if entry else "") or "not loaded"))
                 continue
             for version, (state, reason) in sorted(entry.states.items()):
                 if ready_only and state != "READY":

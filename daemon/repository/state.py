@@ -22,12 +22,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import NoSpace
+from daemon.errors import FailedPrecondition, NoSpace
 
 events = logging.getLogger("tegrad.events")
 log = logging.getLogger("tegrad.state")
 
 _SQLITE_FULL = 13
+_SQLITE_READONLY = 8
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 _SCHEMA = """
@@ -192,20 +193,27 @@ class LostState:
 
 class StateStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.backup_path = path.with_name(path.name + ".backup")
         self.lost: LostState | None = None
         # Writes are rare and tiny (state changes); one connection used from the event loop.
         try:
-            if path.is_file() and path.stat().st_size == 0 and self.backup_path.is_file():
-                raise _Damaged("the file is empty (truncated)")
-            self._db = _open(path)
-        except sqlite3.DatabaseError as exc:
-            if not _damaged(exc):
-                raise
-            self.lost = self._replace_damaged(str(exc))
-            self._db = _open(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if path.is_file() and path.stat().st_size == 0 and self.backup_path.is_file():
+                    raise _Damaged("the file is empty (truncated)")
+                self._db = _open(path)
+            except sqlite3.DatabaseError as exc:
+                if not _damaged(exc):
+                    raise
+                self.lost = self._replace_damaged(str(exc))
+                self._db = _open(path)
+        except (sqlite3.Error, OSError) as exc:  # locked by another tegrad, unreadable, no space: said, not traced
+            err = self._storage_error(exc)
+            if err is exc:
+                err = FailedPrecondition(f"cannot open the state database {path}: {exc}"
+                                         f"{' (is another tegrad using this state directory?)' if 'locked' in str(exc) else ''}")
+            raise err from None
 
     def _replace_damaged(self, why: str) -> LostState:
         """Move the damaged database (and its -wal/-shm) aside; restore the backup copy if it is sound.
@@ -251,6 +259,9 @@ class StateStore:
         if _no_space(exc):
             return NoSpace(f"no space left on the state database ({self.path.name} in tegrad's state directory): "
                            "free some space on that file system and retry")
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_READONLY or "readonly database" in str(exc):
+            return FailedPrecondition(f"the state database ({self.path.name} in tegrad's state directory) cannot be "
+                                      "written (read-only file or file system): make it writable for tegrad's user")
         return exc
 
     @contextlib.contextmanager

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from calib.files import fsync_dir
 from daemon import crashpoints
+from daemon.engines.cache import is_no_space
 from daemon.engines.factory import EngineFactory
 from daemon.errors import AlreadyExists, FailedPrecondition, NotFound, TegradError
 from daemon.repository import layout
@@ -177,6 +178,10 @@ class Rollouts:
             raise
         except TegradError as exc:
             self._fail(op_id, str(exc), seconds)
+        except OSError as exc:  # extracting or installing into the repository
+            where = f" ({layout.relative(self.root, exc.filename)})" if exc.filename else ""
+            why = "no space left on the model repository's file system" if is_no_space(exc) else exc.strerror or exc
+            self._fail(op_id, f"staging stopped: {why}{where}", seconds)
         except Exception as exc:  # a bug must fail the operation, not leave it running forever
             log.exception("operation %s failed unexpectedly", op_id)
             self._fail(op_id, f"internal error: {type(exc).__name__}: {exc}", seconds)

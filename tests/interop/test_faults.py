@@ -287,6 +287,24 @@ def test_unreadable_paths_are_named_relative_to_the_repository(server_factory, s
     assert _factor(c) == 3.0
 
 
+def test_unreadable_model_that_never_loaded_is_listed_unavailable_with_the_reason(server_factory, scale_repo):
+    other = scale_repo / "other"
+    shutil.copytree(scale_repo / "scale", other)
+    server = _start(server_factory, scale_repo, command=[*_unprivileged(), sys.executable, "-m", "daemon", "serve"])
+    c = grpcclient.InferenceServerClient(server.url)
+    other.chmod(0)
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            c.load_model("other")
+        assert str(info.value.status()) == "StatusCode.FAILED_PRECONDITION", info.value
+        assert info.value.message().startswith("other cannot be read by tegrad (permission denied)")
+        rows = [(m.version, m.state, m.reason) for m in c.get_model_repository_index().models if m.name == "other"]
+        assert rows == [("", "UNAVAILABLE", info.value.message())], rows
+        assert _factor(c) == 2.0
+    finally:
+        other.chmod(0o755)
+
+
 def test_unknown_model_is_not_found_without_server_paths(server_factory, scale_repo):
     server = _start(server_factory, scale_repo)
     c = grpcclient.InferenceServerClient(server.url)
