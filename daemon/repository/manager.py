@@ -293,7 +293,7 @@ class ModelManager:
             except TegradError as exc:  # the state cannot be recorded
                 for lv in built:
                     del serving[lv.version]
-                    await lv.retire(0)
+                    await lv.retire(self.drain_timeout)  # never served: nothing to wait for
                     failed(lv.version, exc)
                 if not built:
                     failures.append((exc, str(exc)))

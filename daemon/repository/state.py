@@ -147,10 +147,16 @@ def _unjson(text: str) -> Any:
     return json.loads(text) if text else None
 
 
+def _code(exc: BaseException) -> int | None:
+    """SQLite's primary result code (Python >= 3.11 carries the extended one; 3.10 none: the messages decide)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def _no_space(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "database or disk is full" in str(exc)
+    return _code(exc) == _SQLITE_FULL or "database or disk is full" in str(exc)
 
 
 class _Damaged(sqlite3.DatabaseError):
@@ -159,7 +165,7 @@ class _Damaged(sqlite3.DatabaseError):
 
 def _damaged(exc: sqlite3.Error) -> bool:
     """Damage, not a passing condition (a lock, a full disk) that must never cost the state."""
-    if isinstance(exc, _Damaged) or getattr(exc, "sqlite_errorcode", None) in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+    if isinstance(exc, _Damaged) or _code(exc) in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return True
     text = str(exc)
     return "file is not a database" in text or "malformed" in text
@@ -259,7 +265,7 @@ class StateStore:
         if _no_space(exc):
             return NoSpace(f"no space left on the state database ({self.path.name} in tegrad's state directory): "
                            "free some space on that file system and retry")
-        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_READONLY or "readonly database" in str(exc):
+        if _code(exc) == _SQLITE_READONLY or "readonly database" in str(exc):
             return FailedPrecondition(f"the state database ({self.path.name} in tegrad's state directory) cannot be "
                                       "written (read-only file or file system): make it writable for tegrad's user")
         return exc
