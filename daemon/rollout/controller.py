@@ -108,7 +108,7 @@ class Rollouts:
         found = []
         try:
             names = layout.model_names(self.root)
-        except (NotFound, OSError):
+        except TegradError:  # missing or unreadable: the models' loads will say so
             names = []
         for model in names:
             known = {v.version for v in self.store.rollout_versions(model)}
