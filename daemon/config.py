@@ -7,6 +7,8 @@ batch dimension when ``max_batch > 0`` (as in Triton).
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Literal
@@ -208,32 +210,63 @@ class ModelConfig(_Strict):
 def format_errors(where: str | Path, exc: ValidationError) -> str:
     """pydantic's errors as '<where>: <key path>: <problem>' sentences (also used for bundle manifests)."""
     lines = []
-    for err in exc.errors():
+    errs = exc.errors()
+    for err in errs[:_MAX_ERRORS]:
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{where}: {key}: {msg}")
+    if len(errs) > _MAX_ERRORS:
+        lines.append(f"and {len(errs) - _MAX_ERRORS} more problems")
     return "; ".join(lines)
 
 
+# A model's config is a few KB; a bigger file is a mistake (or an attack on the parser).
+MAX_CONFIG_BYTES = 1 << 20
+_MAX_ERRORS = 10  # listed in one message
+
+
 def parse_model_config(text: str, path: Path, model_name: str) -> ModelConfig:
+    """``path`` is only for messages (clients see them: relative to the repository)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES} bytes; a model config is a few KB")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # the parser recurses per level of [ or {
+        raise ConfigError(f"{path}: not valid TOML: arrays or inline tables nested too deeply") from None
     try:
         config = ModelConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(path, exc)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply") from None
     if config.name is not None and config.name != model_name:
         raise ConfigError(f"{path}: name: {config.name!r} does not match the directory name {model_name!r}")
     return config.model_copy(update={"name": model_name})
 
 
-def load_model_config(config_dir: Path, name: str | None = None) -> ModelConfig:
+def load_model_config(config_dir: Path, name: str | None = None, *, shown_as: str | None = None) -> ModelConfig:
     """Read ``<config_dir>/config.toml`` of model ``name`` (default: the directory's name);
-    a missing file means all defaults."""
+    a missing file means all defaults. ``shown_as``: the file's name in messages (default: its path).
+    A file that cannot be read raises OSError (the caller knows how to name its place)."""
     path = config_dir / CONFIG_FILENAME
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    return parse_model_config(text, path, name or config_dir.name)
+    shown = Path(shown_as) if shown_as else path
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            raise ConfigError(f"{shown}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        data = b""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{shown}: more than {MAX_CONFIG_BYTES} bytes; a model config is a few KB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{shown}: not valid UTF-8 (byte {exc.start}, line {line}): TOML files are UTF-8 text"
+                          ) from None
+    return parse_model_config(text, shown, name or config_dir.name)

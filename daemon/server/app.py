@@ -19,6 +19,7 @@ from daemon import __version__
 from daemon.engines.cache import EngineCache
 from daemon.engines.factory import EngineFactory
 from daemon.engines.worker import BuildPool
+from daemon.errors import TegradError
 from daemon.processing.budget import set_daemon_budget
 from daemon.protogen import admin_pb2_grpc
 from daemon.protogen import grpc_service_pb2 as pb
@@ -148,7 +149,11 @@ async def serve(opts: ServeOptions) -> int:
     repository = opts.repository or EMBEDDED_REPOSITORY
     if opts.max_decode_bytes is not None:
         set_daemon_budget(opts.max_decode_bytes)
-    store = StateStore(opts.state_dir / "state.sqlite3")
+    try:
+        store = StateStore(opts.state_dir / "state.sqlite3")
+    except TegradError as exc:  # a clear line, not a traceback (systemd restarts it after a pause)
+        log.error("%s", exc)
+        return 1
     cache = EngineCache(opts.engine_cache_dir or opts.state_dir / "engines", opts.engine_cache_max_bytes)
     factory = EngineFactory(cache, BuildPool(opts.build_jobs))
     models = ModelManager(repository, store, factory, control_mode=opts.model_control, drain_timeout=opts.drain_timeout)

@@ -85,7 +85,7 @@ ENGINE_BUILD_DURATION = Histogram(
 )
 ENGINE_BUILDS = Counter(
     "tegrad_engine_builds",
-    "Engine builds by backend, precision and result (success, failed, timeout, killed, cancelled).",
+    "Engine builds by backend, precision and result (success, failed, timeout, killed, cancelled, no_space).",
     ["backend", "precision", "result"],
 )
 ENGINE_CACHE_LOOKUPS = Counter(
