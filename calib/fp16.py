@@ -66,6 +66,9 @@ _TYPE_OPS = frozenset(
 
 _FP16_MAX = 65504.0
 
+#: Float inputs that are parameters, not data: ONNX keeps them float32 whatever the data type.
+_FLOAT_PARAMS = {"Resize": {1, 2}, "Upsample": {1}}
+
 
 def convert_fp16(
     model: onnx.ModelProto,
@@ -110,8 +113,9 @@ def nodes_to_fp16(model: onnx.ModelProto, node_names: Iterable[str], types: dict
     for idx, node in enumerate(g.graph.node):
         if node.name not in wanted:
             continue
+        params = _FLOAT_PARAMS.get(node.op_type, ())
         for i, name in enumerate(node.input):
-            if not name:
+            if not name or i in params:
                 continue
             if name not in half:
                 value = g.constant(name)

@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto
 
 from . import fp16 as _fp16
+from . import glue as _glue
 from . import qdq as _qdq
 from .graph import (
     WEIGHTED_OPS,
@@ -28,6 +29,7 @@ from .graph import (
 
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 TARGETS = _qdq.TARGETS
+GLUES = ("fp16", "fp32")
 
 
 def lower(
@@ -37,6 +39,7 @@ def lower(
     exclude: Iterable[str] = (),
     exclude_precision: str = "fp16",
     target: str = "tensorrt",
+    glue: str | None = None,
 ) -> onnx.ModelProto:
     """Lower ``model`` to ``precision`` and return a new ModelProto (the input is not modified).
 
@@ -50,6 +53,10 @@ def lower(
     ``target="cpu"`` emits the ONNX Runtime x86 variant of the INT8 graph (uint8 activations,
     zero point 128, same grid). ONNX Runtime's CPU provider has no fast FP16 kernels, so
     excluded layers of a CPU-target mixed graph stay FP32.
+
+    ``glue``: the type of everything outside Q/DQ in an INT8 / mixed graph for the TensorRT
+    target, ``"fp16"`` (the default there, see :mod:`calib.glue`) or ``"fp32"``; the CPU
+    target has FP32 glue only. The TensorRT target also folds zero Pads into their Conv.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
@@ -57,6 +64,11 @@ def lower(
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
     if exclude_precision not in ("fp16", "fp32"):
         raise ValueError(f"exclude_precision must be 'fp16' or 'fp32', got {exclude_precision!r}")
+    glue = glue or ("fp16" if target == "tensorrt" else "fp32")
+    if glue not in GLUES:
+        raise ValueError(f"unknown glue {glue!r}; expected one of {GLUES}")
+    if glue == "fp16" and target != "tensorrt":
+        raise ValueError("FP16 glue is for the TensorRT target; ONNX Runtime's CPU kernels are FP32")
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     m = load(model)
     if precision == "fp32":
@@ -75,7 +87,12 @@ def lower(
         m = fold_constants(m)
         excluded &= {n.name for n in m.graph.node}  # folded Constant nodes are gone
         out = _qdq.insert_qdq(m, amax, exclude=sorted(excluded), target=target)
-        if precision == "mixed" and exclude_precision == "fp16" and target == "tensorrt":
+        if target == "tensorrt":
+            _glue.fold_zero_pads(out)
+        if glue == "fp16":
+            keep = excluded if precision == "mixed" and exclude_precision == "fp32" else ()
+            out = _glue.to_fp16_glue(out, keep_fp32=keep)
+        elif precision == "mixed" and exclude_precision == "fp16" and target == "tensorrt":
             weighted = {n.name for n in out.graph.node if n.name in excluded and n.op_type in WEIGHTED_OPS}
             # Only the excluded weighted layers go FP16 (not every node a broad pattern touched),
             # so Q/DQ and integer plumbing keep their types.
