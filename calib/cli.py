@@ -30,7 +30,7 @@ from calib.preprocess import (
 )
 
 ALGORITHMS = ("max", "entropy", "percentile", "mse")
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+PRECISIONS = ("fp32", "fp16", "int8", "mixed", "explicit")
 
 
 class _UsageError(ValueError):
