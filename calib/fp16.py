@@ -60,7 +60,7 @@ FP32_OPS: tuple[str, ...] = (
 
 #: Ops whose output type is set by an attribute, or that only produce shapes/indices: they
 #: keep their types and the FP16 region ends at their inputs.
-_TYPE_OPS = frozenset(
+TYPE_OPS = frozenset(
     {"Cast", "CastLike", "Constant", "ConstantOfShape", "Shape", "Size", "EyeLike", "RandomNormal", "RandomUniform", "NonZero"}
 )
 
@@ -86,7 +86,7 @@ def convert_fp16(
     types = tensor_types(model)
     chosen = []
     for node in model.graph.node:
-        if node.op_type in ops or node.name in blocked or node.op_type in _TYPE_OPS or node.domain not in ("", "ai.onnx"):
+        if node.op_type in ops or node.name in blocked or node.op_type in TYPE_OPS or node.domain not in ("", "ai.onnx"):
             continue
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             continue

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .fp16 import nodes_to_fp16
+from .fp16 import TYPE_OPS, nodes_to_fp16
 from .graph import Graph, ensure_node_names, ensure_opset, node_attr, prune, tensor_types
 
 #: DequantizeLinear takes its output type from an FP16 scale from opset 19 on.
@@ -35,9 +35,6 @@ _QDQ = ("QuantizeLinear", "DequantizeLinear")
 #: Nodes that carry or reshape types instead of computing, left out of the census.
 _NOT_COMPUTE = frozenset({"QuantizeLinear", "DequantizeLinear", "Cast", "CastLike", "Constant", "Shape", "Size",
                           "Identity"})
-#: The type ops whose FP16 region ends at their inputs (see :mod:`calib.fp16`).
-_TYPE_OPS = frozenset({"Cast", "CastLike", "Constant", "ConstantOfShape", "Shape", "Size", "EyeLike", "NonZero",
-                       "RandomNormal", "RandomUniform"})
 _FP16_TINY = float(np.finfo(np.float16).tiny)
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -117,7 +114,7 @@ def to_fp16_glue(model: onnx.ModelProto, keep_fp32: Iterable[str] = ()) -> onnx.
     types = tensor_types(model)
     chosen = []
     for node in model.graph.node:
-        if node.name in keep or node.op_type in _TYPE_OPS or node.domain not in ("", "ai.onnx"):
+        if node.name in keep or node.op_type in TYPE_OPS or node.domain not in ("", "ai.onnx"):
             continue
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             continue
