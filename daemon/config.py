@@ -130,6 +130,10 @@ class TensorRTOptions(_Strict):
     # -1 = GPU; 0 or 1 = a DLA core (Orin), with layers DLA cannot run falling back to the GPU when allowed.
     dla_core: int = Field(default=-1, ge=-1, le=1)
     gpu_fallback: bool = True
+    # INT8 / mixed / explicit graphs: type of everything outside Q/DQ (fp16 = trtexec --int8 --fp16).
+    glue: Literal["fp16", "fp32"] = "fp16"
+    # TF32 tensor-core math for the layers that stay FP32 (Ampere/Orin and newer).
+    tf32: bool = True
     # Batch sizes of the optimization profile for the batch dimension (0 = max_batch for opt).
     min_batch: int = Field(default=1, ge=1)
     opt_batch: int = Field(default=0, ge=0)
@@ -152,7 +156,7 @@ class BuildOptions(_Strict):
 class ModelConfig(_Strict):
     name: str | None = None
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    precision: Literal["fp32", "fp16", "int8", "mixed"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8", "mixed", "explicit"] = "fp32"
     max_batch: int = Field(default=0, ge=0, le=4096)
     instances: int = Field(default=1, ge=1, le=64)
     default_model_filename: str = "model.onnx"
@@ -197,8 +201,8 @@ class ModelConfig(_Strict):
             )
         if self.precision == "mixed" and not self.exclude:
             raise ValueError("precision 'mixed' needs exclude: the layers kept out of INT8 (see `tegrad sensitivity`)")
-        if self.exclude and self.precision not in ("mixed", "fp16"):
-            raise ValueError(f"exclude applies to precision 'mixed' (or 'fp16'), not {self.precision!r}")
+        if self.exclude and self.precision not in ("mixed", "fp16", "explicit"):
+            raise ValueError(f"exclude applies to precision 'mixed' (or 'fp16', 'explicit'), not {self.precision!r}")
         if self.tensorrt.opt_batch and self.max_batch and not (self.tensorrt.min_batch <= self.tensorrt.opt_batch <= self.max_batch):
             raise ValueError("tensorrt.opt_batch must lie between tensorrt.min_batch and max_batch")
         too_big = [s for s in self.dynamic_batching.preferred_batch_sizes if s > self.max_batch]

@@ -114,7 +114,9 @@ class EngineFactory:
         backend = await asyncio.to_thread(_backend, config)
         source_sha = source_sha or await asyncio.to_thread(sha256_file, model_file)
         calib_sha = await asyncio.to_thread(sha256_file, calib) if calib else None
-        recipe = recipe_key(source_sha, calib_sha, config.precision, config.exclude, config.exclude_precision, backend.target)
+        glue = backend.options.get("glue")  # TensorRT's [tensorrt] glue changes the lowered graph
+        recipe = recipe_key(source_sha, calib_sha, config.precision, config.exclude, config.exclude_precision,
+                            f"{backend.target}:glue={glue}" if glue else backend.target)
         lowered = self.cache.lowered_sha(recipe)
         entry = await asyncio.to_thread(self.cache.lookup, engine_key(lowered, backend.fingerprint)) if lowered else None
         build_seconds = None

@@ -98,7 +98,7 @@ def _lower(job: BuildJob, send) -> tuple[Path, str, dict[str, int]]:
             raise BuildFailed(f"calibration cache {job.calibration_cache} does not fit {job.source}: {exc}") from None
         amax = cache.amax
     model = lower(source, job.precision, amax=amax, exclude=job.exclude,
-                  exclude_precision=job.exclude_precision, target=job.target)
+                  exclude_precision=job.exclude_precision, target=job.target, glue=job.options.get("glue"))
     with room_for(Path(job.work_dir), model.ByteSize() + _SLACK):
         path = save_atomic(model, Path(job.work_dir) / "lowered.onnx")
     return path, sha256_file(path), count_precisions(model)
