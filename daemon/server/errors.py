@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 import grpc
 
@@ -46,6 +47,18 @@ def outcome_of(code: grpc.StatusCode) -> str:
     return _OUTCOMES.get(code, "error")
 
 
+def release_frames(exc: BaseException) -> None:
+    """Drop the locals of the finished frames ``exc`` passed through.
+
+    A refused request's exception reaches grpc, which keeps it in a reference cycle
+    (exception, traceback, frames) until the garbage collector's next full pass; the
+    frames' locals are the request's bytes and tensors, so a burst of large bad
+    requests would hold gigabytes until then. The frame still running is left alone.
+    """
+    traceback.clear_frames(exc.__traceback__)
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message = status_of(exc)
+    release_frames(exc)
     await context.abort(code, message)
