@@ -82,8 +82,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def unparsable(self, context, exc: InvalidArgument) -> None:
         """A request that is not a protobuf message: one WARNING per client host and minute."""
-        self.client_errors.warning(source_of(context.peer() if context is not None else None),
-                                   "refused a request from %s: %s", context.peer() if context is not None else "?", exc)
+        peer = context.peer() if context is not None else None
+        self.client_errors.warning(source_of(peer), "refused a request from %s: %s", peer or "?", exc)
 
     # -- health and metadata --------------------------------------------------------------------
 
@@ -173,9 +173,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         with self.lifecycle.working():
             return await self._infer_admitted(request, context)
 
-    async def _infer_bytes(self, data: bytes, context, timeout_s: float | None) -> pb.ModelInferResponse:
+    async def _infer_bytes(self, data: bytes, context, unary: bool) -> pb.ModelInferResponse:
         """Admission on the raw bytes (model name, queue), then the full parse within the
-        daemon's byte budget, then inference. Refusals before the parse cost microseconds."""
+        daemon's byte budget, then inference. Refusals before the parse cost microseconds.
+        A unary call's deadline applies to its request; a stream's does not to each message."""
+        timeout_s = context.time_remaining() if unary else None
         start = time.perf_counter_ns()
         lv: LoadedVersion | None = None
         stage = "admission"
@@ -199,10 +201,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 except InvalidArgument as exc:
                     self.unparsable(context, exc)
                     raise
-                lv = None
+                lv = None  # the parsed names decide now, not what the scan read
                 lv = self.models.resolve(names.check(request.model_name), request.model_version)
                 stage = "run"  # from here _infer_admitted counts the outcome
-                return await self._infer(request, context)
+                return await self._infer(request, context if unary else None)
         except Exception as exc:
             if stage != "run":
                 code, _ = status_of(exc)
@@ -253,7 +255,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, data: bytes, context):
         try:
-            return await self._infer_bytes(data, context, context.time_remaining())
+            return await self._infer_bytes(data, context, unary=True)
         except Exception as exc:
             del data  # this frame outlives the call in grpc's reference to the exception (see release_frames)
             await abort(context, exc)
@@ -267,7 +269,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(data: bytes):
             try:
-                results.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer_bytes(data, context, None)))
+                results.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer_bytes(data, context, unary=False)))
             except Exception as exc:
                 _, message = status_of(exc)
                 release_frames(exc)

@@ -85,7 +85,7 @@ def parse(message_type, data: bytes):
     """``message_type`` parsed from ``data``; InvalidArgument naming the type otherwise."""
     try:
         return message_type.FromString(data)
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
+    except (DecodeError, ValueError) as exc:
         name = message_type.DESCRIPTOR.name
         raise InvalidArgument(
             f"cannot parse {name}: {exc} ({len(data)} bytes that are not a serialized "
