@@ -137,6 +137,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement window (default: %(default)s)")
     parser.add_argument("--sizes-kib", default="64,4096", help="request sizes (default: %(default)s)")
+    parser.add_argument("--grpc-max-concurrent-streams", type=int, default=256, help="passed to tegrad serve (default: %(default)s)")
     parser.add_argument("--handler-work", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes_kib.split(",")]
@@ -158,7 +159,7 @@ def main() -> int:
     onnx_models.slow(repo / "slow" / "1" / "model.onnx", loops=64, size=256)
     (repo / "slow" / "config.toml").write_text(
         f"max_batch = 0\n[dynamic_batching]\nmax_queue_size = {QUEUE}\n[onnxruntime]\nintra_op_threads = 1\n")
-    server = start_server(repository=repo, state_dir=work / "state", args=("--drain-timeout", "1"))
+    server = start_server(repository=repo, state_dir=work / "state", args=("--drain-timeout", "1", "--grpc-max-concurrent-streams", str(args.grpc_max_concurrent_streams)))
     stop = threading.Event()
     try:
         channel = grpc.insecure_channel(server.url, options=[("grpc.max_send_message_length", 64 << 20),

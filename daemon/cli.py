@@ -37,7 +37,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(), help="where the SQLite state lives (default: %(default)s)")
     p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest request accepted; larger ones get RESOURCE_EXHAUSTED (default: %(default)s)")
-    p.add_argument("--grpc-max-concurrent-streams", type=int, default=100, metavar="N",
+    p.add_argument("--grpc-max-concurrent-streams", type=int, default=256, metavar="N",
                    help="HTTP/2 streams (calls in progress) per client connection; more wait in the client (default: %(default)s)")
     p.add_argument("--max-inflight-request-mb", type=int, default=512, metavar="MB",
                    help="inference request bytes parsed, decoded and run at once, daemon-wide; more wait for room "

@@ -69,7 +69,7 @@ class ServeOptions:
     max_bundle_bytes: int = 4 << 30
     # Limits a device needs (Triton has none): HTTP/2 streams per connection, and the bytes
     # of inference requests parsed, decoded and run at once, daemon-wide.
-    grpc_max_concurrent_streams: int = 100
+    grpc_max_concurrent_streams: int = 256
     max_inflight_request_bytes: int = 512 << 20
     restricted_protocols: list[str] = field(default_factory=list)  # Triton's --grpc-restricted-protocol
 
