@@ -151,3 +151,22 @@ def test_restricted_protocol_flags_follow_triton():
             restricted.rules([bad])
     with pytest.raises(ValueError, match="restricted twice"):
         restricted.rules(["statistics:a=1", "statistics,health:b=2"])
+
+
+def test_budget_forgets_a_cancelled_waiter_and_serves_the_next():
+    async def scenario():
+        budget = RequestBytesBudget(100, trim=False)
+        async with budget.hold(100, None):
+            cancelled = asyncio.ensure_future(_take(budget, 60))
+            queued = asyncio.ensure_future(_take(budget, 50))
+            await asyncio.sleep(0)
+            cancelled.cancel()
+            await asyncio.gather(cancelled, return_exceptions=True)
+        await queued
+        return budget.used, len(budget._waiters)
+
+    async def _take(budget, size):
+        async with budget.hold(size, 5.0):
+            pass
+
+    assert asyncio.run(scenario()) == (0, 0)

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 
 from daemon.errors import ResourceExhausted
@@ -45,7 +46,7 @@ class RequestBytesBudget:
     def __init__(self, limit_bytes: int, trim: bool = True) -> None:
         self.limit = limit_bytes
         self.used = 0
-        self._cond: asyncio.Condition | None = None
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()  # FIFO: a large request is not starved
         self._trim = _malloc_trim() if trim else None
         self._large_since_trim = 0
         self._trim_timer: asyncio.TimerHandle | None = None
@@ -55,30 +56,53 @@ class RequestBytesBudget:
     async def hold(self, size: int, timeout_s: float | None) -> AsyncIterator[None]:
         """Hold ``size`` bytes of the budget (a request larger than all of it runs alone)."""
         share = min(size, self.limit)
-        if self._cond is None:
-            self._cond = asyncio.Condition()
-        if self.used + share > self.limit:
+        if self._waiters or self.used + share > self.limit:
             wait = DEFAULT_WAIT_S if timeout_s is None else max(0.0, timeout_s)
-            async with self._cond:
-                try:
-                    await asyncio.wait_for(self._cond.wait_for(lambda: self.used + share <= self.limit), wait)
-                except asyncio.TimeoutError:
-                    raise ResourceExhausted(
-                        f"{self.used >> 20} MiB of requests are being processed, the limit is {self.limit >> 20} MiB "
-                        f"(--max-inflight-request-mb); this request of {size >> 20} MiB waited {wait:.1f} s for room; "
-                        "retry later or send smaller requests"
-                    ) from None
-        self.used += share
+            granted = asyncio.get_running_loop().create_future()
+            entry = (share, granted)
+            self._waiters.append(entry)
+            try:
+                # Shielded: on a timeout, whether _grant got there first is read from the future itself.
+                await asyncio.wait_for(asyncio.shield(granted), wait)
+            except asyncio.TimeoutError:
+                pass
+            except BaseException:  # the call was cancelled while it waited
+                self._give_up(entry)
+                raise
+            if not granted.done():
+                self._give_up(entry)
+                raise ResourceExhausted(
+                    f"{self.used >> 20} MiB of requests are being processed, the limit is {self.limit >> 20} MiB "
+                    f"(--max-inflight-request-mb); this request of {size >> 20} MiB waited {wait:.1f} s for room; "
+                    "retry later or send smaller requests"
+                )
+        else:
+            self.used += share
         if size >= TRIM_AFTER_BYTES:
             self._large_since_trim += size
         try:
             yield
         finally:
             self.used -= share
-            async with self._cond:
-                self._cond.notify_all()
+            self._grant()
             if self.used == 0 and self._large_since_trim and self._trim is not None:
                 self._schedule_trim()
+
+    def _give_up(self, entry: tuple[int, asyncio.Future]) -> None:
+        share, granted = entry
+        if granted.done():  # granted meanwhile: hand the share back
+            self.used -= share
+        else:
+            granted.cancel()
+            self._waiters.remove(entry)
+        self._grant()  # this one may have been what held the others back
+
+    def _grant(self) -> None:
+        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
+            share, granted = self._waiters.popleft()
+            if not granted.done():
+                self.used += share
+                granted.set_result(None)
 
     def _schedule_trim(self) -> None:
         loop = asyncio.get_running_loop()
