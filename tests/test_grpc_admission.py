@@ -170,3 +170,31 @@ def test_budget_forgets_a_cancelled_waiter_and_serves_the_next():
             pass
 
     assert asyncio.run(scenario()) == (0, 0)
+
+
+def test_releasing_a_handed_over_exception_leaves_the_task_that_raised_it_alive():
+    # A scheduler worker catches an engine error and sets it on a request's future; the
+    # error's traceback then holds the worker's suspended frame, which must not be cleared.
+    from daemon.server.errors import release_frames
+
+    async def scenario():
+        handed_over = asyncio.get_running_loop().create_future()
+        resume = asyncio.Event()
+
+        async def worker():
+            big = bytearray(1 << 20)
+            try:
+                raise InvalidArgument("bad input")
+            except InvalidArgument as exc:
+                handed_over.set_exception(exc)
+            await resume.wait()
+            return len(big)
+
+        task = asyncio.ensure_future(worker())
+        with pytest.raises(InvalidArgument) as err:
+            await handed_over
+        release_frames(err.value)
+        resume.set()
+        return await asyncio.wait_for(task, 10)
+
+    assert asyncio.run(scenario()) == 1 << 20
