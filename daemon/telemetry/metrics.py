@@ -30,6 +30,14 @@ REQUESTS = Counter(
     "Inference requests by model, version and outcome.",
     ["model", "version", "outcome"],
 )
+# Refused before the request was parsed, from its model name and the daemon's limits.
+ADMISSION_REASONS = ("queue_full", "unloading", "inflight_bytes")
+ADMISSION_REJECTIONS = Counter(
+    "tegrad_admission_rejections",
+    "Inference requests refused from their first bytes, before the full parse: by model, version and reason "
+    "(queue_full, unloading, inflight_bytes). Also counted in tegrad_requests_total.",
+    ["model", "version", "reason"],
+)
 REQUEST_DURATION = Histogram(
     "tegrad_request_duration_seconds",
     "Time spent per request in each stage (queue, compute_input, infer, compute_output) and in total.",
@@ -260,6 +268,12 @@ class DeviceSnapshot:
 
 DEVICE = DeviceSnapshot()
 REGISTRY.register(DEVICE)
+
+
+def count_unattributed_request(outcome: str) -> None:
+    """A request refused before it named a loaded model (unparsable, bad or unknown name):
+    model and version stay "", so clients cannot add label values at will."""
+    REQUESTS.labels("", "", outcome).inc()
 
 
 def set_validation_scores(model: str, version: str, scores: dict[str, float]) -> None:
