@@ -20,6 +20,16 @@ def default_state_dir() -> Path:
     return Path(base) / "tegrad"
 
 
+def _bool(text: str) -> bool:
+    """Triton spells its switches --flag=true|false."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
@@ -45,6 +55,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--build-jobs", type=int, default=1,
                    help="engine builds that may run at once, each in its own worker process (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--strict-readiness", type=_bool, default=True, metavar="true|false",
+                   help="true: the server is ready only when every model that should load is READY; false: ready "
+                        "once started, whatever the models' states (Triton's flag; default: true)")
+    p.add_argument("--exit-on-error", type=_bool, default=True, metavar="true|false",
+                   help="true: a model that fails to load at startup stops the daemon with the reason (exit code 1); "
+                        "false: serve the models that did load (Triton's flag; default: true)")
     s = p.add_argument_group("system shared memory (Triton's extension)")
     s.add_argument("--allow-shared-memory", action="store_true",
                    help="let local clients register POSIX shared-memory regions for tensors (Triton: --allow-client-shm)")
@@ -106,6 +122,8 @@ def _serve(args) -> int:
         allow_shared_memory=args.allow_shared_memory,
         shared_memory_max_regions=args.shared_memory_max_regions,
         shared_memory_max_bytes=int(args.shared_memory_max_mb * (1 << 20)),
+        strict_readiness=args.strict_readiness,
+        exit_on_error=args.exit_on_error,
     )
     return asyncio.run(serve(opts))
 

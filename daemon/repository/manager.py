@@ -127,7 +127,9 @@ class ModelManager:
 
     # -- startup and shutdown ---------------------------------------------------------------
 
-    async def startup(self, load: list[str]) -> None:
+    async def startup(self, load: list[str]) -> dict[str, str]:
+        """Load the models the control mode names; returns {model: why it failed} for those that did not."""
+        failed: dict[str, str] = {}
         if self.control_mode == "none" or "*" in load:
             names = layout.model_names(self.root)
         else:
@@ -141,6 +143,8 @@ class ModelManager:
                 await self.load(name)
             except TegradError as exc:
                 log.error("model %s failed to load at startup: %s", name, exc)
+                failed[name] = str(exc)
+        return failed
 
     async def shutdown(self) -> None:
         versions = [lv for e in self._models.values() for lv in e.serving.values()]
@@ -468,4 +472,7 @@ class ModelManager:
 
     def all_ready(self) -> bool:
         """Every model this server means to serve has a ready version (Triton's strict readiness)."""
-        return all(self._models[n].serving for n in self._wanted if n in self._models)
+        # A model whose config failed validation has no entry yet; it counts as not ready.
+        # tuple() copies in one step: the metrics HTTP thread calls this too.
+        models = self._models
+        return all(n in models and models[n].serving for n in tuple(self._wanted))
