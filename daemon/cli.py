@@ -172,6 +172,25 @@ def _selftest(args) -> int:
     return selftest.run(args)
 
 
+def _add_import_triton(sub) -> None:
+    p = sub.add_parser(
+        "import-triton",
+        help="convert a Triton model folder's config.pbtxt into tegrad's config.toml",
+        description="Reads <model dir>/config.pbtxt (Triton's ModelConfig text format) and writes "
+        "<model dir>/config.toml next to it, then prints what was and was not converted. Keys that change "
+        "what the model is (ensembles, python backend, sequence batching, TensorRT plans) are refused.",
+    )
+    p.add_argument("model_dir", type=Path, nargs="+", help="Triton model folder (holding config.pbtxt), or the file itself")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
+    p.set_defaults(func=_import_triton)
+
+
+def _import_triton(args) -> int:
+    from daemon import triton_import
+
+    return triton_import.run(args)
+
+
 def _client(command: str, args) -> int:
     from daemon import client
 
@@ -189,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_clients(sub)
     _add_selftest(sub)
+    _add_import_triton(sub)
     from daemon.rollout import cli as rollout_cli
 
     rollout_cli.register(sub)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from calib.cache import sha256_file
 from daemon.config import CONFIG_FILENAME, ModelConfig, load_model_config
+from daemon.engines import specs
 from daemon.engines.base import TensorSpec
 from daemon.engines.factory import EngineFactory, Prepared, calibration_path
 from daemon.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, TegradError
@@ -202,6 +203,10 @@ class ModelManager:
             mdir = layout.model_dir(self.root, name)
             self._wanted.add(name)
             model_config = await asyncio.to_thread(load_model_config, mdir)
+            if (mdir / "config.pbtxt").is_file() and not (mdir / CONFIG_FILENAME).is_file():
+                log.warning("model %s: %s is Triton's config.pbtxt, which tegrad does not read; serving with "
+                            "defaults and the ONNX file's shapes. Convert it with `tegrad import-triton %s`",
+                            name, mdir / "config.pbtxt", mdir)
             wanted = [pin] if pin else self._select(name, mdir, model_config)
             if not wanted:
                 available = await asyncio.to_thread(layout.versions_on_disk, mdir, model_config.default_model_filename)
@@ -221,6 +226,9 @@ class ModelManager:
                     model_file = mdir / str(version) / config.default_model_filename
                     if not model_file.is_file():
                         raise NotFound(f"model {name} has no version {version} ({model_file} does not exist)")
+                    config, completed = await asyncio.to_thread(specs.autocomplete_max_batch, config, model_file)
+                    if completed:
+                        log.info("model %s version %d: %s", name, version, completed)
                     fingerprint, model_sha = await asyncio.to_thread(_fingerprint, cdir, model_file, config)
                 except TegradError as exc:
                     failures.append(f"version {version}: {exc}")
