@@ -18,6 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
 from calib.preprocess import (
     ANCHORS,
     COLORS,
@@ -173,10 +178,6 @@ def _model_config(args: argparse.Namespace) -> _ModelConfig | None:
     cached = getattr(args, "_model_config", None)
     if cached is not None:
         return cached
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
     path = Path(given)
     path = path / "config.toml" if path.is_dir() else path
     if not path.is_file():
