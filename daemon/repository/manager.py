@@ -118,6 +118,7 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task] = set()
         self._wanted: set[str] = set()  # models that should be serving (loaded, not unloaded)
+        self._config_errors: dict[str, str] = {}
         self._activations: dict[str, asyncio.Lock] = {}
         # Image decoding for every model's requests, ahead of the slots (OpenCV releases the GIL).
         self._decode_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="tegrad-decode")
@@ -202,7 +203,12 @@ class ModelManager:
         async with self._lock(name):
             mdir = layout.model_dir(self.root, name)
             self._wanted.add(name)
-            model_config = await asyncio.to_thread(load_model_config, mdir)
+            try:
+                model_config = await asyncio.to_thread(load_model_config, mdir)
+            except ConfigError as exc:
+                self._config_errors[name] = str(exc)  # shown by the repository index: no version has a state yet
+                raise
+            self._config_errors.pop(name, None)
             if (mdir / "config.pbtxt").is_file() and not (mdir / CONFIG_FILENAME).is_file():
                 log.warning("model %s: %s is Triton's config.pbtxt, which tegrad does not read; serving with "
                             "defaults and the ONNX file's shapes. Convert it with `tegrad import-triton %s`",
@@ -356,6 +362,7 @@ class ModelManager:
             if entry is None or not entry.serving:
                 layout.model_dir(self.root, name)  # NOT_FOUND for names not in the repository
                 self._wanted.discard(name)
+                self._config_errors.pop(name, None)
                 self.store.set_loaded(name, False)
                 return
             self._wanted.discard(name)
@@ -470,7 +477,7 @@ class ModelManager:
             entry = self._models.get(name)
             if entry is None or not entry.states:
                 if not ready_only:
-                    rows.append((name, "", "UNAVAILABLE", "not loaded"))
+                    rows.append((name, "", "UNAVAILABLE", self._config_errors.get(name, "not loaded")))
                 continue
             for version, (state, reason) in sorted(entry.states.items()):
                 if ready_only and state != "READY":
