@@ -152,6 +152,7 @@ class _ModelConfig:
 
     def __init__(self, path: Path, data: dict[str, Any]) -> None:
         self.path = path
+        self.data = data
         pre = data.get("preprocess")
         post = data.get("postprocess") or {}
         if pre is not None and not isinstance(pre, dict):
@@ -170,7 +171,7 @@ class _ModelConfig:
                     self.detection[dst] = post[src]
 
 
-def _model_config(args: argparse.Namespace) -> _ModelConfig | None:
+def _model_config(args: argparse.Namespace, announce: bool = True) -> _ModelConfig | None:
     """The --config file, read once per command (and said on stderr, so nobody wonders which)."""
     given = getattr(args, "config", None)
     if not given:
@@ -189,8 +190,9 @@ def _model_config(args: argparse.Namespace) -> _ModelConfig | None:
     config = _ModelConfig(path, data)
     read = [name for name, present in (("[preprocess]", config.preprocess), ("input name", config.input_name),
                                        ("task", config.task)) if present]
-    print(f"using {path}: {', '.join(read) or 'nothing to use (no [preprocess], input or [postprocess])'}"
-          f"{'; flags given override it' if read else ''}", file=sys.stderr)
+    if announce:
+        print(f"using {path}: {', '.join(read) or 'nothing to use (no [preprocess], input or [postprocess])'}"
+              f"{'; flags given override it' if read else ''}", file=sys.stderr)
     args._model_config = config
     return config
 
@@ -326,10 +328,32 @@ def _save_model(model: Any, out: Path) -> None:
     save_atomic(model, out)
 
 
+def _quantize_from_config(args: argparse.Namespace) -> None:
+    """--config fills what the served model says (precision, cache, exclusions, target); flags win."""
+    config = _model_config(args, announce=False)
+    data = config.data if config else {}
+    if config:
+        keys = [k for k in ("precision", "calibration_cache", "exclude", "exclude_precision", "backend") if k in data]
+        print(f"using {config.path}: {', '.join(keys) or 'nothing to use'}{'; flags given override it' if keys else ''}",
+              file=sys.stderr)
+    if args.precision is None:
+        args.precision = data.get("precision", "int8")
+    if args.cache is None and data.get("calibration_cache"):
+        cache = Path(data["calibration_cache"])
+        args.cache = str(cache if cache.is_absolute() else config.path.parent / cache)
+    if args.exclude is None and data.get("exclude"):
+        args.exclude = list(data["exclude"])
+    if args.exclude_precision is None:
+        args.exclude_precision = data.get("exclude_precision", "fp16")
+    if args.target is None:
+        args.target = "cpu" if config and data.get("backend", "onnxruntime") == "onnxruntime" else "tensorrt"
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from calib.cache import CalibrationCache
     from calib.lower import lower
 
+    _quantize_from_config(args)
     amax = None
     if args.precision in ("int8", "mixed"):
         if not args.cache:
@@ -490,12 +514,16 @@ def register(subparsers: Any) -> None:
                               description="Insert Q/DQ (from a calibration cache) and/or FP16 casts.")
     p.add_argument("model", help="ONNX model")
     p.add_argument("--cache", help="calibration cache (tegrad JSON or TensorRT text)")
-    p.add_argument("--precision", choices=PRECISIONS, default="int8")
+    p.add_argument("--config", metavar="PATH",
+                   help="model folder or its config.toml: precision, calibration_cache, exclude, exclude_precision "
+                        "and the target (backend onnxruntime: cpu) from it; flags given still win")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: int8 (or the --config's)")
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="node name or fnmatch pattern kept out of INT8 (repeatable)")
-    p.add_argument("--exclude-precision", choices=("fp16", "fp32"), default="fp16",
-                   help="precision of excluded layers in --precision mixed")
-    p.add_argument("--target", choices=("tensorrt", "cpu"), default="tensorrt")
+    p.add_argument("--exclude-precision", choices=("fp16", "fp32"), default=None,
+                   help="precision of excluded layers in --precision mixed (default: fp16)")
+    p.add_argument("--target", choices=("tensorrt", "cpu"), default=None,
+                   help="default: tensorrt (cpu for a --config with backend onnxruntime)")
     p.add_argument("--no-check", action="store_true", help="skip the model-hash / tensor-name check of the cache")
     p.add_argument("-o", "--out", help="output ONNX (default <model>.<precision>.onnx)")
     p.set_defaults(func=_wrap(cmd_quantize, "quantize"))

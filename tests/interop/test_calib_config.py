@@ -127,3 +127,21 @@ def test_config_that_does_not_exist_is_one_line(tmp_path):
     done = _tegrad("calibrate", str(tmp_path / "m.onnx"), "--config", str(tmp_path / "nope"), "--data", str(tmp_path))
     assert done.returncode == 2 and "--config" in done.stderr and "does not exist" in done.stderr, done
     assert "Traceback" not in done.stderr
+
+
+def test_quantize_takes_precision_cache_and_target_from_the_config(tmp_path):
+    from tests.interop.conftest import DIGITS
+
+    model = tmp_path / "digits"
+    shutil.copytree(DIGITS, model)
+    text = (model / "config.toml").read_text().replace('precision = "fp32"', 'precision = "int8"\ncalibration_cache = "calib.json"')
+    (model / "config.toml").write_text(text)
+    out = tmp_path / "digits.int8.onnx"
+    done = _tegrad("quantize", str(model / "1" / "model.onnx"), "--config", str(model), "-o", str(out))
+    assert done.returncode == 0, done
+    assert "precision, calibration_cache, backend" in done.stderr and "int8, target cpu" in done.stdout, done
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "QuantizeLinear" in ops and "Cast" not in ops  # the CPU target keeps FP32 glue
+    done = _tegrad("quantize", str(model / "1" / "model.onnx"), "--config", str(model), "--precision", "fp16",
+                   "-o", str(tmp_path / "fp16.onnx"))
+    assert done.returncode == 0 and "fp16" in done.stdout, done
