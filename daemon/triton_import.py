@@ -128,10 +128,9 @@ def _optimization(cfg: mc.ModelConfig, out: Conversion, config: dict) -> None:
         out.converted.append(f"optimization graph level {opt.graph.level} -> [onnxruntime] graph_optimization = {level!r}")
     if opt.HasField("execution_accelerators"):
         _accelerators(cfg, out, config)
-    for key in ("priority", "cuda", "input_pinned_memory", "output_pinned_memory",
-                "gather_kernel_buffer_threshold", "eager_batching"):
-        if opt.HasField(key) if key in ("cuda", "input_pinned_memory", "output_pinned_memory") else getattr(opt, key):
-            out.not_converted.append(f"optimization {key}: a hint with no tegrad equivalent")
+    hints = {field.name for field, _ in opt.ListFields()} - {"graph", "execution_accelerators"}
+    for key in sorted(hints):
+        out.not_converted.append(f"optimization {key}: a hint with no tegrad equivalent")
 
 
 def convert(pbtxt: Path) -> Conversion:
