@@ -115,3 +115,18 @@ def test_pbtxt_only_folder_warns_and_a_dynamic_batch_onnx_gets_max_batch(server_
     assert "batching up to 4 (Triton's auto-complete" in log, log
     with grpcclient.InferenceServerClient(server.url) as c:
         assert c.get_model_config("digits").config.max_batch_size == 4
+
+
+def test_import_triton_maps_the_tensorrt_accelerator_and_lists_hints(tmp_path):
+    model = _triton_folder(tmp_path, 'name: "digits"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+                           'optimization { priority: PRIORITY_MAX cuda { graphs: true }\n'
+                           '  execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"\n'
+                           '    parameters { key: "precision_mode" value: "FP16" }\n'
+                           '    parameters { key: "max_workspace_size_bytes" value: "536870912" } } ] } }\n',
+                           versions=(1,))
+    done = _tegrad("import-triton", str(model))
+    assert done.returncode == 0, done
+    text = (model / "config.toml").read_text()
+    for line in ('backend = "tensorrt"', 'precision = "fp16"', "workspace_mb = 512"):
+        assert line in text, (line, text)
+    assert "not converted: optimization cuda" in done.stdout and "not converted: optimization priority" in done.stdout
