@@ -389,3 +389,55 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
             pass
         raise
     fsync_dir(directory)
+
+
+def _affine(spec: Mapping[str, Any], channels: int) -> list[tuple[float, float]] | None:
+    """Per channel (a, b) of the normalisation y = a·x + b, whichever way the spec spells it."""
+
+    def per_channel(key: str, default: float) -> list[float]:
+        vals = spec.get(key)
+        vals = [default] if vals is None else ([vals] if isinstance(vals, (int, float)) else list(vals))
+        return [float(v) for v in vals] * channels if len(vals) == 1 else [float(v) for v in vals]
+
+    try:
+        if spec.get("mean") is not None or spec.get("std") is not None:
+            mean, std = per_channel("mean", 0.0), per_channel("std", 1.0)
+            return [(1.0 / s, -m / s) for m, s in zip(mean, std)]
+        return list(zip(per_channel("scale", 1.0), per_channel("offset", 0.0)))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _size(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    return None
+
+
+def preprocess_differences(recorded: Mapping[str, Any], served: Mapping[str, Any]) -> list[str]:
+    """What differs between a cache's recorded preprocessing and a served one, in the keys that
+    change the value ranges a calibration measured: colour order, normalisation (mean/std and
+    scale/offset compared as the affine map they define), size and resize mode. Layout, dtype and
+    interpolation move no range. Each difference reads ``key: cache X, served Y``."""
+    diffs = []
+    color_c, color_s = recorded.get("color", "RGB"), served.get("color", "RGB")
+    if color_c != color_s:
+        diffs.append(f"color: cache {color_c}, served {color_s}")
+    if _size(recorded.get("size")) != _size(served.get("size")):
+        diffs.append(f"size: cache {list(_size(recorded.get('size')) or [])}, served {list(_size(served.get('size')) or [])}")
+    resize_c, resize_s = recorded.get("resize", "stretch"), served.get("resize", "stretch")
+    if resize_c != resize_s:
+        diffs.append(f"resize: cache {resize_c}, served {resize_s}")
+    channels = 1 if color_s == "GRAY" else 3
+    a_c, a_s = _affine(recorded, channels), _affine(served, channels)
+    same = (a_c is not None and a_s is not None and len(a_c) == len(a_s)
+            and all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for p, q in zip(a_c, a_s) for x, y in zip(p, q)))
+    if not same:
+        def shown(spec: Mapping[str, Any]) -> str:
+            keys = [k for k in ("mean", "std", "scale", "offset") if spec.get(k) is not None]
+            return ", ".join(f"{k}={spec[k]}" for k in keys) or "none (raw 0..255)"
+
+        diffs.append(f"normalisation: cache {shown(recorded)}, served {shown(served)}")
+    return diffs

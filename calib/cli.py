@@ -18,6 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
 from calib.preprocess import (
     ANCHORS,
     COLORS,
@@ -66,6 +71,9 @@ def _add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None
     g.add_argument("--input-name", default=None, help="model input the data feeds (default: the only input)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     pp = p.add_argument_group("preprocessing (image folders)")
+    pp.add_argument("--config", metavar="PATH",
+                    help="model folder or its config.toml: take [preprocess] (and the input name, task and YOLO "
+                         "settings of [postprocess]) from it; the flags below still win")
     pp.add_argument("--preset", choices=sorted(PRESETS), help="start from a known model's preprocessing")
     pp.add_argument("--preprocess", metavar="JSON", help="PreprocessSpec as a JSON file or inline JSON object")
     pp.add_argument("--resize", choices=RESIZE_MODES)
@@ -90,6 +98,9 @@ _SPEC_FLAGS = ("resize", "size", "resize_short", "anchor", "pad_value", "interpo
 def spec_from_args(args: argparse.Namespace) -> PreprocessSpec | None:
     """PreprocessSpec from --preset / --preprocess plus individual overrides (None if nothing given)."""
     base: dict[str, Any] | None = None
+    model_config = _model_config(args)
+    if model_config is not None and model_config.preprocess:
+        base = dict(model_config.preprocess)
     if getattr(args, "preset", None):
         base = PRESETS[args.preset].to_dict()
     if getattr(args, "preprocess", None):
@@ -114,8 +125,86 @@ def spec_from_args(args: argparse.Namespace) -> PreprocessSpec | None:
         merged.pop("mean", None)
         merged.pop("std", None)
     if "size" not in merged:
-        raise _UsageError("preprocessing needs --size (or --preset / --preprocess)")
-    return PreprocessSpec.from_dict(merged)
+        raise _UsageError("preprocessing needs --size (or --preset / --preprocess / --config)")
+    if "size" in overrides and base and base.get("resize_short") and "resize_short" not in overrides \
+            and merged.get("resize") == "center-crop":
+        # A preset's crop ratio carries over to another size (ImageNet's 224 of 256 becomes 240 of 274).
+        merged["resize_short"] = round(base["resize_short"] * overrides["size"][0] / _pair(base["size"])[0])
+    try:
+        return PreprocessSpec.from_dict(merged)
+    except ValueError as exc:
+        where = f" (with [preprocess] of {model_config.path})" if model_config and model_config.preprocess else ""
+        raise _UsageError(f"preprocessing{where}: {exc}") from None
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+# ---- --config: a served model's config.toml ------------------------------------------------------
+# Keys of [preprocess] that are calibration preprocessing; the others only matter to the server.
+_SERVING_ONLY = ("input", "format", "model_input", "max_image_pixels")
+
+
+class _ModelConfig:
+    """What the calib commands take from a model's config.toml (read as TOML: calib does not need the
+    daemon's validation, and the server validates the file anyway when it loads the model)."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.data = data
+        pre = data.get("preprocess")
+        post = data.get("postprocess") or {}
+        if pre is not None and not isinstance(pre, dict):
+            raise _UsageError(f"{path}: [preprocess] must be a table")
+        self.preprocess = {k: v for k, v in (pre or {}).items() if k not in _SERVING_ONLY} or None
+        inputs = [t.get("name") for t in data.get("input", []) if isinstance(t, dict)]
+        self.input_name = (pre or {}).get("model_input") or (inputs[0] if len(inputs) == 1 else None)
+        kind = post.get("kind") if isinstance(post, dict) else None
+        self.task = {"yolo": "detection", "classification": "classification"}.get(kind)
+        self.detection: dict[str, Any] = {}
+        if kind == "yolo":
+            for src, dst in (("variant", "layout"), ("score_threshold", "score_threshold"),
+                             ("iou_threshold", "iou_threshold"), ("max_detections", "max_detections"),
+                             ("class_agnostic", "class_agnostic"), ("strides", "strides")):
+                if src in post:
+                    self.detection[dst] = post[src]
+
+
+def _model_config(args: argparse.Namespace, announce: bool = True) -> _ModelConfig | None:
+    """The --config file, read once per command (and said on stderr, so nobody wonders which)."""
+    given = getattr(args, "config", None)
+    if not given:
+        return None
+    cached = getattr(args, "_model_config", None)
+    if cached is not None:
+        return cached
+    path = Path(given)
+    path = path / "config.toml" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {given}: {path} does not exist (give a model folder or its config.toml)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise _UsageError(f"--config {path}: not valid TOML: {exc}") from None
+    config = _ModelConfig(path, data)
+    read = [name for name, present in (("[preprocess]", config.preprocess), ("input name", config.input_name),
+                                       ("task", config.task)) if present]
+    if announce:
+        print(f"using {path}: {', '.join(read) or 'nothing to use (no [preprocess], input or [postprocess])'}"
+              f"{'; flags given override it' if read else ''}", file=sys.stderr)
+    args._model_config = config
+    return config
+
+
+def _task(args: argparse.Namespace) -> str:
+    config = _model_config(args)
+    return args.task or (config.task if config and config.task else "classification")
+
+
+def _detection(args: argparse.Namespace) -> dict[str, Any] | None:
+    config = _model_config(args)
+    return dict(config.detection) if config and config.detection else None
 
 
 def _data_source(args: argparse.Namespace, spec: PreprocessSpec | None) -> Any:
@@ -141,18 +230,31 @@ class _Feeds:
         return batches(self.source, self.input_name, self.batch_size)
 
 
+def _input_name(args: argparse.Namespace) -> str | None:
+    config = _model_config(args)
+    return args.input_name or (config.input_name if config else None)
+
+
 def _feeds(args: argparse.Namespace, model: str, spec: PreprocessSpec | None) -> _Feeds:
     import onnx
 
-    name = args.input_name
+    name = _input_name(args)
+    proto = onnx.load(model, load_external_data=False)
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
     if name is None:
-        proto = onnx.load(model, load_external_data=False)
-        inits = {i.name for i in proto.graph.initializer}
-        inputs = [i.name for i in proto.graph.input if i.name not in inits]
         if len(inputs) != 1:
-            raise _UsageError(f"{model} has inputs {inputs}: choose one with --input-name")
-        name = inputs[0]
-    return _Feeds(_data_source(args, spec), name, args.batch_size)
+            raise _UsageError(f"{model} has inputs {[i.name for i in inputs]}: choose one with --input-name")
+        name = inputs[0].name
+    batch_size = args.batch_size
+    dims = next((i.type.tensor_type.shape.dim for i in inputs if i.name == name), [])
+    fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
+    if fixed > 0 and batch_size != fixed:
+        # As calibrate does: a model exported with a fixed batch runs that batch, not --batch-size.
+        if batch_size > fixed:
+            print(f"note: model input {name!r} has a fixed batch of {fixed}; using --batch-size {fixed}", file=sys.stderr)
+        batch_size = fixed
+    return _Feeds(_data_source(args, spec), name, batch_size)
 
 
 def _default_out(model: str, suffix: str) -> Path:
@@ -185,7 +287,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             args.model,
             source,
             batch_size=args.batch_size,
-            input_name=args.input_name,
+            input_name=_input_name(args),
             histogram=method != "max" or bool(args.save_observations),
             progress=not args.no_progress,
         )
@@ -226,10 +328,32 @@ def _save_model(model: Any, out: Path) -> None:
     save_atomic(model, out)
 
 
+def _quantize_from_config(args: argparse.Namespace) -> None:
+    """--config fills what the served model says (precision, cache, exclusions, target); flags win."""
+    config = _model_config(args, announce=False)
+    data = config.data if config else {}
+    if config:
+        keys = [k for k in ("precision", "calibration_cache", "exclude", "exclude_precision", "backend") if k in data]
+        print(f"using {config.path}: {', '.join(keys) or 'nothing to use'}{'; flags given override it' if keys else ''}",
+              file=sys.stderr)
+    if args.precision is None:
+        args.precision = data.get("precision", "int8")
+    if args.cache is None and data.get("calibration_cache"):
+        cache = Path(data["calibration_cache"])
+        args.cache = str(cache if cache.is_absolute() else config.path.parent / cache)
+    if args.exclude is None and data.get("exclude"):
+        args.exclude = list(data["exclude"])
+    if args.exclude_precision is None:
+        args.exclude_precision = data.get("exclude_precision", "fp16")
+    if args.target is None:
+        args.target = "cpu" if config and data.get("backend", "onnxruntime") == "onnxruntime" else "tensorrt"
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from calib.cache import CalibrationCache
     from calib.lower import lower
 
+    _quantize_from_config(args)
     amax = None
     if args.precision in ("int8", "mixed"):
         if not args.cache:
@@ -263,11 +387,13 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         spec = PreprocessSpec.from_dict(cache.preprocess)
     data = _feeds(args, args.model, spec)
     labels = _load_labels(args.labels, data.source) if args.labels else None
+    task = _task(args)
     report = sensitivity.analyze(args.model, cache.amax, data, max_samples=args.max_samples,
-                                 method=args.method, task=args.task, target=args.target,
-                                 progress=not args.no_progress)
+                                 method=args.method, task=task, target=args.target,
+                                 progress=not args.no_progress, detection=_detection(args))
     plan = sensitivity.plan(report, args.model, cache.amax, data, min_top1=args.min_top1, labels=labels,
-                            task=args.task, target=args.target, exclude_precision=args.exclude_precision)
+                            task=task, target=args.target, exclude_precision=args.exclude_precision,
+                            detection=_detection(args))
     print(report.to_table())
     excluded = list(plan.excluded)
     print(f"\nsuggested exclusion: {len(excluded)} of {plan.total_layers} layers out of INT8, "
@@ -338,7 +464,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     data = _feeds(args, args.reference, spec)
     labels = _load_labels(args.labels, data.source) if args.labels else None
-    result = evaluate.evaluate(args.reference, args.candidate, data, labels=labels, task=args.task)
+    result = evaluate.evaluate(args.reference, args.candidate, data, labels=labels, task=_task(args),
+                               detection=_detection(args))
     doc = result.as_dict()
     text = json.dumps(doc, indent=2, default=float)
     print(text)
@@ -388,12 +515,16 @@ def register(subparsers: Any) -> None:
                               description="Insert Q/DQ (from a calibration cache) and/or FP16 casts.")
     p.add_argument("model", help="ONNX model")
     p.add_argument("--cache", help="calibration cache (tegrad JSON or TensorRT text)")
-    p.add_argument("--precision", choices=PRECISIONS, default="int8")
+    p.add_argument("--config", metavar="PATH",
+                   help="model folder or its config.toml: precision, calibration_cache, exclude, exclude_precision "
+                        "and the target (backend onnxruntime: cpu) from it; flags given still win")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: int8 (or the --config's)")
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="node name or fnmatch pattern kept out of INT8 (repeatable)")
-    p.add_argument("--exclude-precision", choices=("fp16", "fp32"), default="fp16",
-                   help="precision of excluded layers in --precision mixed")
-    p.add_argument("--target", choices=("tensorrt", "cpu"), default="tensorrt")
+    p.add_argument("--exclude-precision", choices=("fp16", "fp32"), default=None,
+                   help="precision of excluded layers in --precision mixed (default: fp16)")
+    p.add_argument("--target", choices=("tensorrt", "cpu"), default=None,
+                   help="default: tensorrt (cpu for a --config with backend onnxruntime)")
     p.add_argument("--glue", choices=("fp16", "fp32"), default=None,
                    help="type of everything outside Q/DQ (default: fp16 for --target tensorrt, fp32 for cpu)")
     p.add_argument("--no-check", action="store_true", help="skip the model-hash / tensor-name check of the cache")
@@ -410,7 +541,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement with FP32 the plan must keep")
     p.add_argument("--labels", help="labels (.npy, .csv filename,class, or one integer per line): "
                                     "budget becomes relative accuracy drop")
-    p.add_argument("--task", choices=("classification", "detection"), default="classification")
+    p.add_argument("--task", choices=("classification", "detection"), default=None,
+                   help="default: detection for a --config with [postprocess] kind = 'yolo', else classification")
     p.add_argument("--target", choices=("tensorrt", "cpu"), default="tensorrt")
     p.add_argument("--exclude-precision", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--no-check", action="store_true")
@@ -434,7 +566,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("candidate", help="candidate ONNX (fp16 / int8 / mixed)")
     _add_data_options(p)
     p.add_argument("--labels", help="labels: .npy, .csv (filename,class) or one integer per line")
-    p.add_argument("--task", choices=("classification", "detection"), default="classification")
+    p.add_argument("--task", choices=("classification", "detection"), default=None,
+                   help="default: detection for a --config with [postprocess] kind = 'yolo', else classification")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(func=_wrap(cmd_evaluate, "evaluate"))
 

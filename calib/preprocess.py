@@ -203,6 +203,32 @@ PRESETS: dict[str, PreprocessSpec] = {
         std=(128.0,),
         layout="NCHW",
     ),
+    # torchvision's ImageNet evaluation (ResNet, MobileNet, ...); with --size N the short side
+    # becomes N / 0.875, the same crop ratio.
+    "imagenet": PreprocessSpec(
+        size=(224, 224),
+        resize="center-crop",
+        resize_short=256,
+        interpolation="linear",
+        color="RGB",
+        mean=(123.675, 116.28, 103.53),
+        std=(58.395, 57.12, 57.375),
+        layout="NCHW",
+    ),
+    # TensorFlow's EfficientNet-Lite evaluation: short side to size + 32, center crop, (x - 127) / 128.
+    **{
+        f"efficientnet-lite{n}": PreprocessSpec(
+            size=(size, size),
+            resize="center-crop",
+            resize_short=size + 32,
+            interpolation="linear",
+            color="RGB",
+            mean=(127.0,),
+            std=(128.0,),
+            layout="NCHW",
+        )
+        for n, size in ((1, 240), (2, 260), (3, 280), (4, 300))
+    },
     "yolox": PreprocessSpec(
         size=(416, 416),
         resize="letterbox",

@@ -11,6 +11,16 @@ from daemon import __version__
 from daemon.state_dir import default_state_dir
 
 
+def _bool(text: str) -> bool:
+    """Triton spells its switches --flag=true|false."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
@@ -51,6 +61,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--build-jobs", type=int, default=1,
                    help="engine builds that may run at once, each in its own worker process (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--strict-readiness", type=_bool, default=True, metavar="true|false",
+                   help="true: the server is ready only when every model that should load is READY; false: ready "
+                        "once started, whatever the models' states (Triton's flag; default: true)")
+    p.add_argument("--exit-on-error", type=_bool, default=True, metavar="true|false",
+                   help="true: a model that fails to load at startup stops the daemon with the reason (exit code 1); "
+                        "false: serve the models that did load (Triton's flag; default: true)")
     s = p.add_argument_group("system shared memory (Triton's extension)")
     s.add_argument("--allow-shared-memory", action="store_true",
                    help="let local clients register POSIX shared-memory regions for tensors (Triton: --allow-client-shm)")
@@ -125,6 +141,8 @@ def _serve(args) -> int:
         shared_memory_max_bytes=int(args.shared_memory_max_mb * (1 << 20)),
         telemetry_period=args.telemetry_period,
         telemetry_root=args.telemetry_root,
+        strict_readiness=args.strict_readiness,
+        exit_on_error=args.exit_on_error,
     )
     return asyncio.run(serve(opts))
 
@@ -191,6 +209,25 @@ def _selftest(args) -> int:
     return selftest.run(args)
 
 
+def _add_import_triton(sub) -> None:
+    p = sub.add_parser(
+        "import-triton",
+        help="convert a Triton model folder's config.pbtxt into tegrad's config.toml",
+        description="Reads <model dir>/config.pbtxt (Triton's ModelConfig text format) and writes "
+        "<model dir>/config.toml next to it, then prints what was and was not converted. Keys that change "
+        "what the model is (ensembles, python backend, sequence batching, TensorRT plans) are refused.",
+    )
+    p.add_argument("model_dir", type=Path, nargs="+", help="Triton model folder (holding config.pbtxt), or the file itself")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
+    p.set_defaults(func=_import_triton)
+
+
+def _import_triton(args) -> int:
+    from daemon import triton_import
+
+    return triton_import.run(args)
+
+
 def _client(command: str, args) -> int:
     from daemon import client
 
@@ -209,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clients(sub)
     _add_selftest(sub)
     _add_inspect(sub)
+    _add_import_triton(sub)
     from daemon.rollout import cli as rollout_cli
 
     rollout_cli.register(sub)

@@ -78,7 +78,10 @@ def infer(args) -> int:
     except grpc.RpcError as exc:
         return _fail(exc)
     print(f"model {response.model_name} version {response.model_version}")
-    for out, raw in zip(response.outputs, response.raw_output_contents):
+    outputs = list(zip(response.outputs, response.raw_output_contents))
+    if {"boxes", "scores", "classes", "count"} <= {out.name for out, _ in outputs}:
+        return _print_detections(outputs, "the original image" if args.image else "the network input")
+    for out, raw in outputs:
         if out.datatype == "BYTES":
             arr = deserialize_bytes_tensor(raw, None).reshape(out.shape)
             for row in arr.reshape(-1, arr.shape[-1]) if arr.ndim else [arr]:
@@ -87,6 +90,28 @@ def infer(args) -> int:
             arr = np.frombuffer(raw, dtype=DATATYPE_TO_NUMPY[out.datatype]).reshape(out.shape)
             with np.printoptions(precision=4, threshold=64, suppress=True):
                 print(f"{out.name} {out.datatype} {list(out.shape)}:\n{arr}")
+    return 0
+
+
+def _print_detections(outputs, frame: str) -> int:
+    """A YOLO [postprocess] answer as one table per image: label (or class id), score, box corners."""
+    arrays = {}
+    for out, raw in outputs:
+        if out.datatype == "BYTES":
+            arrays[out.name] = deserialize_bytes_tensor(raw, None).reshape(out.shape)
+        else:
+            arrays[out.name] = np.frombuffer(raw, dtype=DATATYPE_TO_NUMPY[out.datatype]).reshape(out.shape)
+    labels = arrays.get("labels")
+    for i, n in enumerate(arrays["count"].tolist()):
+        print(f"image {i}: {n} detection{'' if n == 1 else 's'} (boxes x1 y1 x2 y2 in pixels of {frame})")
+        if not n:
+            continue
+        names = [labels[i, j].decode() if labels is not None else str(int(arrays["classes"][i, j])) for j in range(n)]
+        width = max(5, *(len(name) for name in names))
+        print(f"  {'LABEL':<{width}}  {'SCORE':>6}  {'X1':>7}  {'Y1':>7}  {'X2':>7}  {'Y2':>7}")
+        for j in range(n):
+            x1, y1, x2, y2 = arrays["boxes"][i, j].tolist()
+            print(f"  {names[j]:<{width}}  {arrays['scores'][i, j]:6.3f}  {x1:7.1f}  {y1:7.1f}  {x2:7.1f}  {y2:7.1f}")
     return 0
 
 

@@ -172,6 +172,8 @@ class ModelConfig(_Strict):
     build: BuildOptions = Field(default_factory=BuildOptions)
     # int8 / mixed: calibration cache (tegrad JSON or TensorRT text), relative to the model directory.
     calibration_cache: str | None = None
+    # Serve although the cache was calibrated with other preprocessing than [preprocess] (logged as a WARNING).
+    allow_preprocess_mismatch: bool = False
     # mixed: layers (node names or fnmatch patterns) kept out of INT8, run in exclude_precision.
     exclude: list[str] = Field(default_factory=list)
     exclude_precision: Literal["fp16", "fp32"] = "fp16"

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from calib.cache import sha256_file
+from calib.cache import CalibrationCache, preprocess_differences, sha256_file
 from daemon.config import ModelConfig
 from daemon.engines import specs
 from daemon.engines.cache import EngineCache, engine_key, is_no_space, no_space, recipe_key
@@ -89,6 +89,37 @@ def calibration_path(config: ModelConfig, model_dir: Path) -> Path | None:
     return path
 
 
+def check_preprocess(config: ModelConfig, model_dir: Path, calib: Path) -> None:
+    """Refuse a cache calibrated with other preprocessing than the model is served with, in what moves
+    value ranges (DeepStream's model-color-format mistake: an RGB-served, BGR-calibrated model loads and
+    silently loses accuracy). ``allow_preprocess_mismatch = true`` serves it anyway, with a WARNING."""
+    if config.preprocess is None:
+        return  # clients send tensors: there is no served preprocessing to compare
+    try:
+        recorded = CalibrationCache.load(calib).preprocess
+    except Exception:  # an unreadable cache fails the build with its own message
+        return
+    where = f"model {config.name}"
+    if recorded is None:
+        log.info("%s: calibration cache %s records no preprocessing (calibrated from tensors?); "
+                 "its match with [preprocess] is not checked", where, calib.name)
+        return
+    diffs = preprocess_differences(recorded, config.preprocess.to_spec().to_dict())
+    if not diffs:
+        return
+    what = "; ".join(diffs)
+    if config.allow_preprocess_mismatch:
+        log.warning("%s: calibration cache %s was calibrated with other preprocessing than [preprocess] (%s); "
+                    "serving anyway because allow_preprocess_mismatch = true: INT8 ranges may not fit the inputs",
+                    where, calib.name, what)
+        return
+    raise ConfigError(
+        f"{model_dir / 'config.toml'}: calibration cache {calib.name} was calibrated with other preprocessing than "
+        f"[preprocess] serves ({what}); the INT8 ranges would not fit the inputs. Recalibrate with "
+        f"`tegrad calibrate --config {model_dir}`, fix [preprocess], or set allow_preprocess_mismatch = true"
+    )
+
+
 def warm_up(engine, runs: int) -> None:
     """Run every slot ``runs`` times on zeros so first-use allocations happen before traffic."""
     if runs == 0 or any(t.datatype == "BYTES" or -1 in t.shape[1:] for t in engine.inputs):
@@ -111,6 +142,8 @@ class EngineFactory:
             return await self._prebuilt(config, model_dir, version, model_file, report, source_sha)
         name = config.name
         calib = calibration_path(config, model_dir)
+        if calib is not None and config.precision in ("int8", "mixed"):
+            await asyncio.to_thread(check_preprocess, config, model_dir, calib)
         backend = await asyncio.to_thread(_backend, config)
         source_sha = source_sha or await asyncio.to_thread(sha256_file, model_file)
         calib_sha = await asyncio.to_thread(sha256_file, calib) if calib else None

@@ -104,3 +104,26 @@ def resolve(graph_inputs: list[TensorSpec], graph_outputs: list[TensorSpec], con
             model_dir: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return (merge(graph_inputs, config.input, config, model_dir, "input"),
             merge(graph_outputs, config.output, config, model_dir, "output"))
+
+
+# Triton's --backend-config=default-max-batch-size: what its auto-complete sets for a model that can batch.
+DEFAULT_MAX_BATCH = 4
+
+
+def autocomplete_max_batch(config: ModelConfig, model_file: Path) -> tuple[ModelConfig, str]:
+    """Triton's auto-complete of max_batch_size: when config.toml sets neither max_batch nor any
+    input/output, and every input and output of the ONNX graph has a variable first dimension, the
+    model batches with max_batch = DEFAULT_MAX_BATCH. Returns (config, a sentence for the log, or "")."""
+    if "max_batch" in config.model_fields_set or config.input or config.output:
+        return config, ""
+    try:
+        inputs, outputs = from_onnx(model_file, config.name)
+    except Exception:  # a damaged or unreadable model: its build says so, with the version's state
+        return config, ""
+    tensors = inputs + outputs
+    if not tensors or any(not t.shape or t.shape[0] != -1 for t in tensors):
+        return config, ""
+    return (config.model_copy(update={"max_batch": DEFAULT_MAX_BATCH}),
+            f"every input and output of {model_file.name} has a variable first dimension and config.toml sets no "
+            f"max_batch: batching up to {DEFAULT_MAX_BATCH} (Triton's auto-complete; set max_batch to choose, "
+            "0 to turn batching off)")

@@ -159,4 +159,7 @@ class CpuPostprocessor:
                 b = transforms[i].to_original(b).astype(np.float32)
             m = len(s)
             boxes[i, :m], scores[i, :m], classes[i, :m], count[i] = b, s, c, m
-        return {"boxes": boxes, "scores": scores, "classes": classes, "count": count}
+        result = {"boxes": boxes, "scores": scores, "classes": classes, "count": count}
+        if cfg.labels is not None:
+            result["labels"] = label_tensor(classes, self.labels)
+        return result

@@ -213,12 +213,15 @@ class GpuPostprocessor:
                 out["labels"] = label_tensor(classes, self.labels)
             return out
         K = self.config.max_detections
-        return {
+        out = {
             "boxes": raw[: n * K * 16].view(np.float32).reshape(n, K, 4).copy(),
             "scores": raw[n * K * 16 : n * K * 20].view(np.float32).reshape(n, K).copy(),
             "classes": raw[n * K * 20 : n * K * 24].view(np.int32).reshape(n, K).copy(),
             "count": raw[n * K * 24 : n * K * 24 + n * 4].view(np.int32).copy(),
         }
+        if self.config.labels is not None:
+            out["labels"] = label_tensor(out["classes"], self.labels)
+        return out
 
     def run(
         self, outputs: Mapping[str, np.ndarray] | np.ndarray, transforms: Sequence[Transform] | None = None

@@ -12,9 +12,12 @@ A ``[postprocess]`` table turns the model's output into tensors any Triton clien
 - ``kind = "classification"``: ``scores`` FP32 ``[N, k]`` (probabilities when ``softmax``,
   else the raw outputs), ``classes`` INT32 ``[N, k]``, and ``labels`` BYTES ``[N, k]`` when
   a labels file is given; best first, ties by lower class index.
-- ``kind = "yolo"``: ``boxes`` FP32 ``[N, K, 4]`` (x1, y1, x2, y2 in pixels of the original
-  image), ``scores`` FP32 ``[N, K]``, ``classes`` INT32 ``[N, K]`` and ``count`` INT32 ``[N]``,
-  with ``K = max_detections``; rows past ``count`` hold zeros and class -1.
+- ``kind = "yolo"``: ``boxes`` FP32 ``[N, K, 4]`` (x1, y1, x2, y2: corners in pixels of the
+  original image when the client sent images, of the network input when it sent the model's
+  tensor; not clipped to the image), ``scores`` FP32 ``[N, K]``, ``classes`` INT32 ``[N, K]``,
+  ``count`` INT32 ``[N]``, and ``labels`` BYTES ``[N, K]`` (each detection's class name) when a
+  labels file is given; ``K = max_detections``, best first; rows past ``count`` hold zeros,
+  class -1 and an empty label.
 - ``kind = "raw"``: the model's outputs unchanged.
 
 Errors are ``ValueError`` naming the key; the server prefixes the config file path.
@@ -37,7 +40,7 @@ _SPEC_KEYS = (
     "size", "resize", "resize_short", "anchor", "pad_value", "interpolation", "color",
     "mean", "std", "scale", "offset", "layout", "dtype",
 )
-_CLASSIFICATION_KEYS = ("softmax", "top_k", "labels")
+_CLASSIFICATION_KEYS = ("softmax", "top_k")
 _YOLO_KEYS = ("variant", "score_threshold", "iou_threshold", "max_detections", "class_agnostic", "strides")
 _MODEL_DTYPES = {"float32": "FP32", "float16": "FP16"}
 
@@ -131,6 +134,8 @@ class PostprocessConfig(_Strict):
             stray = [k for k in keys if k in given and self.kind != kind]
             if stray:
                 raise ValueError(f"{stray[0]}: applies to kind = {kind!r}, not {self.kind!r}")
+        if self.labels is not None and self.kind == "raw":
+            raise ValueError("labels: applies to kind = 'classification' or 'yolo', not 'raw'")
         if self.kind == "yolo" and self.variant is None:
             raise ValueError("variant: required for kind = 'yolo' (one of 'yolox', 'yolov5', 'yolov8')")
         if "strides" in given and self.variant != "yolox":
@@ -161,12 +166,15 @@ class PostprocessConfig(_Strict):
                 specs.append(TensorSpec("labels", "BYTES", (batch, k)))
             return specs
         k = self.max_detections
-        return [
+        specs = [
             TensorSpec("boxes", "FP32", (batch, k, 4)),
             TensorSpec("scores", "FP32", (batch, k)),
             TensorSpec("classes", "INT32", (batch, k)),
             TensorSpec("count", "INT32", (batch,)),
         ]
+        if self.labels is not None:
+            specs.append(TensorSpec("labels", "BYTES", (batch, k)))
+        return specs
 
 
 def _only(kind: str, name: str | None, specs: Sequence[TensorSpec], key: str) -> TensorSpec:

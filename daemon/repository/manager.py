@@ -18,6 +18,7 @@ from pathlib import Path
 
 from calib.cache import sha256_file
 from daemon.config import CONFIG_FILENAME, ModelConfig, load_model_config
+from daemon.engines import specs
 from daemon.engines.factory import EngineFactory, Prepared, calibration_path
 from daemon.errors import ConfigError, FailedPrecondition, InvalidArgument, NoSpace, NotFound, TegradError
 from daemon.monitor.engine import attach as attach_monitor
@@ -128,7 +129,9 @@ class ModelManager:
 
     # -- startup and shutdown ---------------------------------------------------------------
 
-    async def startup(self, load: list[str]) -> None:
+    async def startup(self, load: list[str]) -> dict[str, str]:
+        """Load the models the control mode names; returns {model: why it failed} for those that did not."""
+        failed: dict[str, str] = {}
         if self.control_mode == "none" or "*" in load:
             try:
                 names = layout.model_names(self.root)
@@ -146,6 +149,8 @@ class ModelManager:
                 await self.load(name)
             except TegradError as exc:
                 log.error("model %s failed to load at startup: %s", name, exc)
+                failed[name] = str(exc)
+        return failed
 
     async def shutdown(self) -> None:
         versions = [lv for e in self._models.values() for lv in e.serving.values()]
@@ -222,6 +227,10 @@ class ModelManager:
                 entry.error = layout.scrub(self.root, str(err))
                 raise err from None
             entry.error = ""
+            if (mdir / "config.pbtxt").is_file() and not (mdir / CONFIG_FILENAME).is_file():
+                log.warning("model %s: %s is Triton's config.pbtxt, which tegrad does not read; serving with "
+                            "defaults and the ONNX file's shapes. Convert it with `tegrad import-triton %s`",
+                            name, mdir / "config.pbtxt", mdir)
             if not wanted:
                 entry.error = (
                     f"model {name}: no version directory under {name}/ holds "
@@ -252,6 +261,9 @@ class ModelManager:
                     if not model_file.is_file():
                         raise NotFound(f"model {name} has no version {version} "
                                        f"({layout.relative(self.root, model_file)} does not exist)")
+                    config, completed = await asyncio.to_thread(specs.autocomplete_max_batch, config, model_file)
+                    if completed:
+                        log.info("model %s version %d: %s", name, version, completed)
                     fingerprint, model_sha = await asyncio.to_thread(_fingerprint, cdir, model_file, config)
                 except (TegradError, OSError) as exc:
                     failed(version, exc)
@@ -385,6 +397,8 @@ class ModelManager:
             if entry is None or not entry.serving:
                 layout.model_dir(self.root, name)  # NOT_FOUND for names not in the repository
                 self._wanted.discard(name)
+                if entry is not None:
+                    entry.error = ""
                 self.store.set_loaded(name, False)
                 return
             self._wanted.discard(name)
@@ -509,4 +523,7 @@ class ModelManager:
 
     def all_ready(self) -> bool:
         """Every model this server means to serve has a ready version (Triton's strict readiness)."""
-        return all(self._models[n].serving for n in self._wanted if n in self._models)
+        # A model whose config failed validation has no version serving; it counts as not ready.
+        # tuple() copies in one step: the metrics HTTP thread calls this too.
+        models = self._models
+        return all(n in models and models[n].serving for n in tuple(self._wanted))

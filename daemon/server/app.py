@@ -34,6 +34,7 @@ from daemon.server.admin_service import AdminService
 from daemon.server.admission import RequestBytesBudget
 from daemon.server.inference_service import InferenceService
 from daemon.server.lifecycle import Lifecycle, sd_notify, watchdog_interval
+from daemon.server.metrics_http import MetricsHttp
 from daemon.server.shared_memory import Limits, SharedMemoryRegistry
 from daemon.telemetry import metrics
 from daemon.telemetry.collector import start_device_telemetry
@@ -85,6 +86,9 @@ class ServeOptions:
     grpc_max_concurrent_streams: int = 256
     max_inflight_request_bytes: int = 512 << 20
     restricted_protocols: list[str] = field(default_factory=list)  # Triton's --grpc-restricted-protocol
+    # Triton's --strict-readiness and --exit-on-error (both default true there too).
+    strict_readiness: bool = True
+    exit_on_error: bool = True
 
 
 class Health(HealthServicer):
@@ -162,7 +166,7 @@ async def serve(opts: ServeOptions) -> int:
     cache = EngineCache(opts.engine_cache_dir or opts.state_dir / "engines", opts.engine_cache_max_bytes)
     factory = EngineFactory(cache, BuildPool(opts.build_jobs))
     models = ModelManager(repository, store, factory, control_mode=opts.model_control, drain_timeout=opts.drain_timeout)
-    lifecycle = Lifecycle(models)
+    lifecycle = Lifecycle(models, strict_readiness=opts.strict_readiness)
     rollouts = Rollouts(
         repository, store, models, factory, Uploads(opts.state_dir / "uploads", opts.max_bundle_bytes),
         OperationBoard(store),
@@ -206,10 +210,12 @@ async def serve(opts: ServeOptions) -> int:
         log.error("cannot listen on %s:%d (in use?)", opts.host, opts.grpc_port)
         return 1
 
-    from prometheus_client import start_http_server
-
-    metrics_server, metrics_thread = start_http_server(opts.metrics_port, addr=opts.host)
-    metrics_port = metrics_server.server_port
+    try:
+        metrics_http = MetricsHttp(opts.host, opts.metrics_port, live=lifecycle.live, ready=lifecycle.ready)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d: %s", opts.host, opts.metrics_port, exc)
+        return 1
+    metrics_port = metrics_http.port
     device_telemetry = start_device_telemetry(opts.telemetry_period, opts.telemetry_root)
 
     loop = asyncio.get_running_loop()
@@ -236,7 +242,15 @@ async def serve(opts: ServeOptions) -> int:
     startup = asyncio.ensure_future(models.startup(opts.load_models))
     stop = asyncio.ensure_future(lifecycle.stop_requested.wait())
     await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
-    if startup.done():
+    exit_code = 0
+    failed = startup.result() if startup.done() and not startup.cancelled() and not startup.exception() else {}
+    if startup.done() and failed and opts.exit_on_error:
+        names = ", ".join(sorted(failed))
+        log.error("stopping: %d model(s) failed to load at startup (%s) and --exit-on-error is true; "
+                  "fix them, or start with --exit-on-error=false to serve the others. %s", len(failed), names,
+                  "; ".join(f"{n}: {why}" for n, why in sorted(failed.items())))
+        exit_code = 1
+    elif startup.done():
         lifecycle.started = True
         await health.sync()  # watchers learn at once, not at the next poll
         loaded = len(models.loaded())
@@ -267,8 +281,7 @@ async def serve(opts: ServeOptions) -> int:
         task.cancel()
     if device_telemetry is not None:
         device_telemetry.stop()
-    metrics_server.shutdown()
-    metrics_thread.join(timeout=5)
+    metrics_http.close()
     store.close()
     log.info("tegrad stopped")
-    return 0
+    return exit_code

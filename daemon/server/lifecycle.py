@@ -44,15 +44,24 @@ def watchdog_interval() -> float | None:
 
 
 class Lifecycle:
-    def __init__(self, models) -> None:
+    def __init__(self, models, *, strict_readiness: bool = True) -> None:
         self.models = models
+        # Triton's --strict-readiness: true = ready only when every model that should load is READY;
+        # false = ready once started, whatever the models' states.
+        self.strict_readiness = strict_readiness
         self.started = False
         self.draining = False
         self.stop_requested = asyncio.Event()
         self.inflight = 0  # requests doing work (inference, loads); the drain waits for them
 
     def ready(self) -> bool:
-        return self.started and not self.draining and self.models.all_ready()
+        if not self.started or self.draining:
+            return False
+        return self.models.all_ready() if self.strict_readiness else True
+
+    def live(self) -> bool:
+        # Triton stays live while it drains: a restart now would cut the in-flight requests.
+        return True
 
     @contextlib.contextmanager
     def working(self) -> Iterator[None]:

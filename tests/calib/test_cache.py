@@ -179,3 +179,17 @@ def test_trt_header_names_the_closest_calibrator() -> None:
     amax = {"input": 1.0}
     assert CalibrationCache(amax=amax, algorithm="max").to_trt_text().startswith("TRT-100300-MinMaxCalibration\n")
     assert CalibrationCache(amax=amax, algorithm="entropy").to_trt_text().startswith("TRT-100300-EntropyCalibration2\n")
+
+
+def test_preprocess_differences_compare_what_moves_value_ranges() -> None:
+    from calib.cache import preprocess_differences
+
+    lite = {"size": [224, 224], "resize": "center-crop", "color": "RGB", "mean": [127.0], "std": [128.0]}
+    # mean/std and scale/offset spelling the same affine map, one value or one per channel: no difference
+    same = {**lite, "mean": None, "std": None, "scale": [1 / 128] * 3, "offset": [-127 / 128] * 3, "layout": "NHWC"}
+    assert preprocess_differences(lite, same) == []
+    assert preprocess_differences(lite, {**lite, "interpolation": "cubic", "dtype": "float16"}) == []
+    diffs = preprocess_differences(lite, {**lite, "color": "BGR", "size": 240, "resize": "letterbox", "std": [64.0]})
+    assert diffs == ["color: cache RGB, served BGR", "size: cache [224, 224], served [240, 240]",
+                     "resize: cache center-crop, served letterbox",
+                     "normalisation: cache mean=[127.0], std=[128.0], served mean=[127.0], std=[64.0]"]

@@ -84,7 +84,7 @@ def test_int8_model_served_with_fp32_accuracy_and_its_precision_visible(server_f
 
 def test_int8_without_calibration_cache_does_not_load_and_says_why(server_factory, tmp_path):
     root = _repo(tmp_path / "repo", ("good", ""), ("nocache", 'precision = "int8"\ncalibration_cache = "missing.json"\n'))
-    server = server_factory(repository=root)
+    server = server_factory(repository=root, args=("--exit-on-error=false",))
     with grpcclient.InferenceServerClient(server.url) as c:
         index = {m.name: (m.state, m.reason) for m in c.get_model_repository_index().models}
         assert index["nocache"][0] == "UNAVAILABLE" and "missing.json" in index["nocache"][1]

@@ -541,7 +541,8 @@ def test_cli_health_models_infer(digits_server):
 
 def test_cli_health_fails_when_not_ready_or_unreachable(server_factory, repo, tmp_path):
     (repo / "digits" / "1" / "model.onnx").write_bytes(b"broken")
-    server = server_factory(repository=repo, args=("--model-control", "explicit", "--load-model", "digits"))
+    server = server_factory(repository=repo, args=("--model-control", "explicit", "--load-model", "digits",
+                                                   "--exit-on-error=false"))
     health = _tegrad("health", "--url", server.url)
     assert health.returncode == 1 and health.stdout.strip() == "NOT_SERVING", health
     models = _tegrad("models", "--url", server.url)

@@ -283,3 +283,13 @@ def test_max_detections_caps_and_raw_passes_through():
 def test_gpu_modules_import_without_cuda():
     for name in ("daemon.processing.gpu", "daemon.processing.gpu_post", "daemon.processing.device"):
         importlib.import_module(name)
+
+
+def test_yolo_labels_name_each_detection_and_pad_with_empty():
+    pred = craft_yolo("yolov8", DETS)[None]
+    cfg = PostprocessConfig(kind="yolo", variant="yolov8", max_detections=5, labels="labels.txt")
+    out = CpuPostprocessor(cfg, labels=("person", "car"), input_hw=(64, 64)).run({"output": pred})
+    # class 2 is past the two-line labels file: its id stands in, as for classification
+    assert out["labels"].tolist() == [[b"person", b"car", b"2", b"", b""]]
+    assert out["classes"].tolist() == [[0, 1, 2, -1, -1]]
+    assert [t.name for t in cfg.output_specs([])] == ["boxes", "scores", "classes", "count", "labels"]

@@ -353,3 +353,15 @@ def test_two_slots_overlap_on_their_own_streams(gpu_pre):
         span = max(first.time_till(end) for _, end in events)
     print(f"alone {alone} ms, together span {span:.2f} ms (wall {wall:.2f} ms), pre timings {slots[0].timings()}")
     assert span < 0.75 * sum(alone)
+
+
+def test_yolo_labels_match_cpu(gpu_post):
+    from .test_cpu import DETS
+
+    pred = np.stack([craft_yolo("yolov8", DETS), craft_yolo("yolov8", DETS[2:])])
+    cfg = PostprocessConfig(kind="yolo", variant="yolov8", max_detections=5, labels="labels.txt")
+    labels = ("person", "car", "dog")
+    gpu = gpu_post(cfg, pred.shape[1:], labels=labels, input_hw=(64, 64)).run({"output": pred})
+    cpu = CpuPostprocessor(cfg, labels, input_hw=(64, 64)).run({"output": pred})
+    assert_same_detections(gpu, cpu)
+    assert gpu["labels"].tolist() == cpu["labels"].tolist()
