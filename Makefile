@@ -1,10 +1,13 @@
 # The two commands a newcomer needs:
-#   make serve   create .venv, install tegrad, serve the embedded default model (gRPC :8001, metrics :8002)
+#   make serve   create .venv, install tegrad, serve the embedded default model (gRPC :8001, metrics :8002;
+#                state in .state/ of this checkout)
 #   make test    create .venv, install tegrad with test extras, lint, check Python 3.10 compatibility, run all tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SERVE_ARGS ?=
+# A state dir of this checkout's own: another clone's engines and rollout state are never picked up.
+SERVE_STATE_DIR ?= $(CURDIR)/.state
 
 .PHONY: serve test lint protos bench clean
 
@@ -21,7 +24,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 serve: $(VENV)/.installed
-	$(BIN)/tegrad serve $(SERVE_ARGS)
+	$(BIN)/tegrad serve --state-dir $(SERVE_STATE_DIR) $(SERVE_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check daemon calib tests bench

@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from daemon import cli_files
+
+    refused = cli_files.check(args)
+    if refused is not None:
+        return refused
     return int(args.func(args) or 0)
 
 
