@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_clients(sub)
     _add_selftest(sub)
+    from daemon import perf
+
+    perf.register(sub)
     from daemon.rollout import cli as rollout_cli
 
     rollout_cli.register(sub)

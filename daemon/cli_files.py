@@ -22,7 +22,7 @@ INPUTS: dict[str, list[tuple[str, str, str]]] = {
               ("admin_tls_key", "--admin-tls-key", FILE), ("admin_client_ca", "--admin-client-ca", FILE),
               ("trust_dir", "--trust-dir", DIR)],
     "infer": [("image", "--image", FILE), ("input", "--input", FILE)],
-    "perf": [("image", "--image", ANY), ("input", "--input", FILE)],
+    "perf": [("image", "--image", ANY), ("input_data", "--input-data", FILE)],
     "bundle create": [("model", "MODEL", ANY), ("config", "--config", FILE),
                       ("calibration_cache", "--calibration-cache", FILE), ("labels", "--labels", FILE),
                       ("golden_inputs", "--golden-inputs", ANY), ("calibrate_data", "--calibrate-data", ANY),
