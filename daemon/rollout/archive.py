@@ -275,6 +275,7 @@ def npz_bytes(arrays: Mapping[str, np.ndarray], compressed: bool = False) -> byt
         for key, arr in arrays.items():
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
+            info.compress_type = zf.compression  # a ZipInfo made by hand would be stored whatever the file's default
             with zf.open(info, "w") as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
