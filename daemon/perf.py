@@ -99,7 +99,7 @@ def build_requests(meta, config, opts: PerfOptions, count: int = 32) -> list:
             raise PerfError(f"model {meta.name} takes no images (no BYTES input); its inputs are "
                             + ", ".join(t.name for t in meta.inputs))
         blobs = [p.read_bytes() for p in images]
-        for i in range(min(count, max(1, len(blobs) // b) if len(blobs) >= b else 1)):
+        for i in range(max(1, min(count, len(blobs) // b))):
             batch = np.empty(b, dtype=object)
             for j in range(b):
                 batch[j] = blobs[(i * b + j) % len(blobs)]
@@ -460,10 +460,15 @@ def main(args) -> int:
             print(f"WARNING: {r.errors} requests failed at {mode} {r.level:g}, first: {r.first_error}",
                   file=sys.stderr)
 
+    import grpc
+
     try:
         results = asyncio.run(run_async(opts, report))
     except PerfError as exc:
         print(f"tegrad perf: error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:  # ModelStatistics between windows: the server went away or unloaded the model
+        print(f"tegrad perf: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tegrad perf: interrupted", file=sys.stderr)
