@@ -29,6 +29,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+import simplejpeg
+
+from calib.image_header import READABLE, ImageHeader, ImageHeaderError, read_header, sniff
 
 RESIZE_MODES = ("stretch", "letterbox", "center-crop")
 ANCHORS = ("top-left", "center")
@@ -247,12 +250,58 @@ class Transform:
         return b.reshape(np.shape(boxes_xyxy))
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode encoded image bytes (JPEG, PNG, BMP, …) to a BGR uint8 HxWx3 array."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ValueError(f"image data must be bytes, got {type(data).__name__}")
-    if len(data) == 0:
-        raise ValueError("image data is empty")
+#: Largest image decoded when the caller names no limit: a 1 MB PNG can claim gigapixels.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# How OpenCV's imdecode applies an EXIF orientation (2-8) to what the decoder wrote.
+_ORIENT = {
+    2: lambda im: cv2.flip(im, 1),
+    3: lambda im: cv2.rotate(im, cv2.ROTATE_180),
+    4: lambda im: cv2.flip(im, 0),
+    5: cv2.transpose,
+    6: lambda im: cv2.rotate(im, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda im: cv2.flip(cv2.transpose(im), -1),
+    8: lambda im: cv2.rotate(im, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    image: np.ndarray  # BGR uint8 HxWx3
+    # Set when the decoder recovered from corrupt data (libjpeg's "premature end of data segment"
+    # and the like): the pixels it could not read are filled in, not decoded.
+    warning: str | None = None
+
+
+def _decode_jpeg(data: bytes, header: ImageHeader) -> DecodedImage | None:
+    """libjpeg-turbo through simplejpeg, which reports the warnings OpenCV only prints.
+
+    Same library and settings as OpenCV's JPEG decoder (ISLOW IDCT, fancy upsampling), so the
+    pixels are identical; only a file that warns is decoded a second time. None where
+    TurboJPEG cannot decode it at all (CMYK to BGR, 12-bit): OpenCV then does what it does.
+    """
+    warning = None
+    try:
+        img = simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
+    except ValueError as exc:
+        try:
+            img = simplejpeg.decode_jpeg(data, colorspace="BGR", strict=False)
+        except ValueError:
+            return None
+        warning = str(exc)
+    orient = _ORIENT.get(header.orientation)
+    return DecodedImage(orient(img) if orient else img, warning)
+
+
+def decode(data: bytes, header: ImageHeader | None = None) -> DecodedImage:
+    """Decode encoded image bytes (JPEG, PNG, BMP, ...) to BGR uint8, with no size check.
+
+    ``header`` is :func:`calib.image_header.read_header` of ``data`` when the caller has it.
+    """
+    if header is not None and header.format == "JPEG":
+        decoded = _decode_jpeg(data, header)
+        if decoded is not None:
+            return decoded
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
@@ -260,7 +309,33 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ValueError(f"cannot decode image ({len(data)} bytes): {exc}") from None
     if img is None or img.size == 0:
         raise ValueError(f"cannot decode image ({len(data)} bytes): corrupt or unsupported format")
-    return img
+    return DecodedImage(img)
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes (JPEG, PNG, BMP, ...) to a BGR uint8 HxWx3 array.
+
+    Where the format's header can be read (see :mod:`calib.image_header`), an image of more
+    than ``max_pixels`` is refused from the header, before anything is decoded.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"image data must be bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("image data is empty")
+    data = bytes(data)
+    header = None
+    if sniff(data) in READABLE:
+        try:
+            header = read_header(data)
+        except ImageHeaderError:
+            if sniff(data) in ("JPEG", "PNG"):
+                raise
+            # A variant of another format whose header is not read here (BigTIFF, ...): OpenCV decides.
+    if header is not None and max_pixels is not None and header.pixels > max_pixels:
+        raise ValueError(
+            f"image is {header.describe()} ({header.pixels} pixels), more than the limit of {max_pixels} pixels"
+        )
+    return decode(data, header).image
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
@@ -302,20 +377,53 @@ def _pad_fill(spec: PreprocessSpec, shape: tuple[int, int, int]) -> np.ndarray:
     return canvas
 
 
+def _resized_size(src_h: int, src_w: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(height, width) the image is resized to before any padding or crop."""
+    H, W = spec.size
+    if spec.resize == "stretch":
+        return H, W
+    if spec.resize == "letterbox":
+        r = min(H / src_h, W / src_w)
+        # Truncation as in the YOLOX reference preprocessing; clamp to >= 1 pixel.
+        return min(H, max(1, int(src_h * r))), min(W, max(1, int(src_w * r)))
+    # center-crop: scale the short side, then cut the central window.
+    short = min(src_h, src_w)
+    if spec.resize_short is None:
+        # Smallest resize that covers the crop window.
+        r = max(H / src_h, W / src_w)
+        return max(H, int(math.ceil(src_h * r - 1e-9))), max(W, int(math.ceil(src_w * r - 1e-9)))
+    # Integer arithmetic for the long side, matching torchvision's Resize(int)
+    # (truncation) without float round-off at exact ratios.
+    if src_h <= src_w:
+        return spec.resize_short, (spec.resize_short * src_w) // short
+    return (spec.resize_short * src_h) // short, spec.resize_short
+
+
+def intermediate_sizes(src_h: int, src_w: int, spec: PreprocessSpec) -> list[tuple[str, int, int]]:
+    """Every image :func:`preprocess` makes from a ``src_h`` x ``src_w`` one, as (what, height, width).
+
+    Known from the source size alone, so a caller can bound their memory before decoding.
+    """
+    H, W = spec.size
+    new_h, new_w = _resized_size(src_h, src_w, spec)
+    sizes = [("resized", new_h, new_w)]
+    if spec.resize == "letterbox":
+        sizes.append(("padded", H, W))
+    elif spec.resize == "center-crop" and (new_h < H or new_w < W):
+        sizes.append(("padded", max(new_h, H), max(new_w, W)))
+    return sizes
+
+
 def _geometry(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, Transform]:
     src_h, src_w = img.shape[:2]
     H, W = spec.size
     interp = INTERPOLATIONS[spec.interpolation]
+    new_h, new_w = _resized_size(src_h, src_w, spec)
+    resized = _resize(img, new_h, new_w, interp)
     if spec.resize == "stretch":
-        out = _resize(img, H, W, interp)
-        return out, Transform((src_h, src_w), W / src_w, H / src_h, 0.0, 0.0)
+        return resized, Transform((src_h, src_w), W / src_w, H / src_h, 0.0, 0.0)
 
     if spec.resize == "letterbox":
-        r = min(H / src_h, W / src_w)
-        # Truncation as in the YOLOX reference preprocessing; clamp to >= 1 pixel.
-        new_h = min(H, max(1, int(src_h * r)))
-        new_w = min(W, max(1, int(src_w * r)))
-        resized = _resize(img, new_h, new_w, interp)
         if spec.anchor == "top-left":
             top = left = 0
         else:
@@ -324,20 +432,6 @@ def _geometry(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, Transf
         canvas[top : top + new_h, left : left + new_w] = resized
         return canvas, Transform((src_h, src_w), new_w / src_w, new_h / src_h, float(left), float(top))
 
-    # center-crop: scale the short side, then cut the central window.
-    short = min(src_h, src_w)
-    target_short = spec.resize_short if spec.resize_short is not None else None
-    if target_short is None:
-        # Smallest resize that covers the crop window.
-        r = max(H / src_h, W / src_w)
-        new_h, new_w = max(H, int(math.ceil(src_h * r - 1e-9))), max(W, int(math.ceil(src_w * r - 1e-9)))
-    elif src_h <= src_w:
-        # Integer arithmetic for the long side, matching torchvision's Resize(int)
-        # (truncation) without float round-off at exact ratios.
-        new_h, new_w = target_short, (target_short * src_w) // short
-    else:
-        new_h, new_w = (target_short * src_h) // short, target_short
-    resized = _resize(img, new_h, new_w, interp)
     sx, sy = new_w / src_w, new_h / src_h
     if new_h < H or new_w < W:
         # The crop window is larger than the image: pad symmetrically first.

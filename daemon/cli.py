@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from daemon import __version__
-
-
-def default_state_dir() -> Path:
-    if os.environ.get("TEGRAD_STATE_DIR"):
-        return Path(os.environ["TEGRAD_STATE_DIR"])
-    if os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "tegrad"
+from daemon.state_dir import default_state_dir
 
 
 def _add_serve(sub) -> None:
@@ -37,6 +28,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(), help="where the SQLite state lives (default: %(default)s)")
     p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest request accepted; larger ones get RESOURCE_EXHAUSTED (default: %(default)s)")
+    from daemon.rollout.cli import positive_int
+
+    p.add_argument("--max-decode-bytes", type=positive_int, default=None, metavar="BYTES",
+                   help="memory all requests' images may hold at once while decoded, queued and preprocessed; "
+                        "beyond it requests wait their turn, and one that needs more is refused with "
+                        "RESOURCE_EXHAUSTED (default: 512 MiB)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let in-flight requests finish on SIGTERM (default: %(default)s)")
     p.add_argument("--engine-cache-dir", type=Path, default=None,
                    help="where built engines are kept, keyed by content (default: <state-dir>/engines)")
@@ -79,6 +76,9 @@ def _serve(args) -> int:
     from daemon.server.app import ServeOptions, serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from daemon.engines.tensorrt.platform import describe
+
+    logging.getLogger("tegrad").info("platform: %s", describe())
     opts = ServeOptions(
         repository=args.model_repository,
         model_control=args.model_control,
@@ -88,6 +88,7 @@ def _serve(args) -> int:
         metrics_port=args.metrics_port,
         state_dir=args.state_dir,
         max_message_bytes=args.max_message_bytes,
+        max_decode_bytes=args.max_decode_bytes,
         drain_timeout=args.drain_timeout,
         engine_cache_dir=args.engine_cache_dir,
         engine_cache_max_bytes=args.engine_cache_max_mb << 20,
@@ -148,6 +149,24 @@ def _add_selftest(sub) -> None:
     p.set_defaults(func=_selftest)
 
 
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="per-layer precision and device of a model's built engine (from the engine cache)",
+                       description="Prints what a model's engine runs in, layer by layer: for TensorRT the built "
+                       "engine's inspector (precision, GPU or DLA), for ONNX Runtime the lowered ONNX's count.")
+    p.add_argument("model")
+    p.add_argument("--model-version", type=int, default=None, help="this version only (default: the newest)")
+    p.add_argument("--all", action="store_true", help="every cached engine of the model, not only the newest")
+    p.add_argument("--state-dir", type=Path, default=default_state_dir(), help="as given to tegrad serve (default: %(default)s)")
+    p.add_argument("--engine-cache-dir", type=Path, default=None, help="as given to tegrad serve (default: <state-dir>/engines)")
+    p.set_defaults(func=_inspect)
+
+
+def _inspect(args) -> int:
+    from daemon.engines import inspect
+
+    return inspect.run(args)
+
+
 def _selftest(args) -> int:
     from daemon import selftest
 
@@ -171,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_clients(sub)
     _add_selftest(sub)
+    _add_inspect(sub)
     from daemon import perf
 
     perf.register(sub)

@@ -8,10 +8,10 @@ import sys
 import grpc
 import numpy as np
 
-from daemon.engines.base import DATATYPE_TO_NUMPY, datatype_of
 from daemon.protogen import grpc_service_pb2 as pb
 from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
 from daemon.server.tensors import deserialize_bytes_tensor, serialize_bytes_tensor
+from daemon.tensor_spec import DATATYPE_TO_NUMPY, datatype_of
 
 
 def _stub(url: str) -> pb_grpc.GRPCInferenceServiceStub:
@@ -110,7 +110,7 @@ def models(args) -> int:
     except grpc.RpcError as exc:
         return _fail(exc)
     headers = ("MODEL", "VERSION", "STATE", "BACKEND", "PRECISION", "ENGINE", "CALIBRATION", "LAYERS(i8/f16/f32)",
-               "LIVE AGREEMENT", "DRIFT")
+               "AGREEMENT", "DRIFT")
     rows = []
     for m in index.models:
         engine = ("-",) * 7
@@ -118,7 +118,11 @@ def models(args) -> int:
             try:
                 config = stub.ModelConfig(pb.ModelConfigRequest(name=m.name, version=m.version), timeout=10).config
                 p = {k: v.string_value for k, v in config.parameters.items()}
-                layers = "/".join(p.get(f"layers_{x}", "?") for x in ("int8", "fp16", "fp32"))
+                # A TensorRT engine reports layers_<precision>@<device>; the column sums the devices.
+                layers = "/".join(str(sum(int(v) for k, v in p.items() if k.partition("@")[0] == f"layers_{x}"))
+                                  for x in ("int8", "fp16", "fp32"))
+                dla = sum(int(v) for k, v in p.items() if k.startswith("layers_") and k.endswith("@dla"))
+                layers += f" (dla {dla})" if dla else ""
                 engine = (config.backend, p.get("precision", "?"), p.get("engine_id", "?"),
                           p.get("calibration_cache_id") or "-", layers, *_live_precision(p))
             except grpc.RpcError:  # unloaded between the two calls

@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from daemon.engines.base import DATATYPE_TO_NUMPY
 from daemon.errors import ConfigError
 from daemon.monitor.settings import MonitorConfig
 from daemon.processing.spec import PostprocessConfig, PreprocessConfig
+from daemon.tensor_spec import DATATYPE_TO_NUMPY
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,6 +133,11 @@ class TensorRTOptions(_Strict):
     opt_batch: int = Field(default=0, ge=0)
     # Inputs with variable non-batch dimensions need explicit shapes.
     profile: list[TensorRTProfile] = Field(default_factory=list)
+    # DLA needs one static shape (min = opt = max): the batch it is built for (0 = opt_batch, else max_batch).
+    dla_batch: int = Field(default=0, ge=0)
+    # Instance slots share one block of activation memory (executions take turns on the GPU, while
+    # copies and pre/post-processing of other slots overlap): 1 copy instead of `instances`.
+    share_activation_memory: bool = True
 
 
 class BuildOptions(_Strict):

@@ -19,6 +19,8 @@ from daemon.config import load_model_config
 from daemon.engines.availability import tensorrt_unavailable
 from daemon.engines.cache import EngineCache
 from daemon.engines.factory import EngineFactory
+from daemon.engines.tensorrt.layers import by_precision
+from daemon.engines.tensorrt.platform import describe, tensorrt_version
 from daemon.engines.worker import BuildPool
 from daemon.errors import TegradError
 
@@ -71,7 +73,7 @@ async def _rows(backends: list[str], precisions: list[str], cache_dir: Path) -> 
             try:
                 prepared = await factory.prepare(config, DIGITS, 1, DIGITS / "1" / "model.onnx")
             except TegradError as exc:
-                rows.append([backend, precision, "failed", "-", "-", "-", "-", str(exc)[:120]])
+                rows.append([backend, precision, "failed", "-", "-", "-", "-", str(exc)])
                 continue
             build_s = time.perf_counter() - t0
             engine = prepared.engine
@@ -83,7 +85,8 @@ async def _rows(backends: list[str], precisions: list[str], cache_dir: Path) -> 
             top1 = logits.argmax(1)
             if reference is None:  # the first row is FP32 ONNX Runtime
                 reference = top1
-            layers = "/".join(str(prepared.layers.get(p, 0)) for p in ("int8", "fp16", "fp32"))
+            totals = by_precision(prepared.layers)
+            layers = "/".join(str(totals.get(p, 0)) for p in ("int8", "fp16", "fp32"))
             rows.append([backend, precision, f"{build_s:.2f}", f"{latency:.3f}",
                          f"{100 * float((top1 == reference).mean()):.2f}", f"{100 * float((top1 == y).mean()):.2f}",
                          layers, prepared.key[:16]])
@@ -93,8 +96,11 @@ async def _rows(backends: list[str], precisions: list[str], cache_dir: Path) -> 
 def run(args) -> int:
     backends = ["onnxruntime"]
     why = tensorrt_unavailable()
-    if why is None:
+    # With TensorRT present its rows are shown even without a usable GPU: they fail with the reason
+    # (no CUDA, TensorRT too old), which is what a Jetson user with a broken install needs to see.
+    if why is None or tensorrt_version() is not None:
         backends.append("tensorrt")
+        why = None
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown:
@@ -106,11 +112,16 @@ def run(args) -> int:
     x, _ = _heldout()
     headers = ["backend", "precision", "build s", "latency ms (b=1)", "agreement %", "accuracy %",
                "layers i8/f16/f32", "engine"]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print(f"platform: {describe()}")
     print(f"tegrad selftest: embedded digits model, {len(x)} held-out images; agreement = top-1 equal to FP32 ONNX Runtime")
+    shown = [r[:-1] + [r[-1] if r[2] != "failed" else "see below"] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in shown)) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    for r in rows:
+    for r in shown:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    for r in rows:
+        if r[2] == "failed":
+            print(f"{r[0]} {r[1]} failed: {r[-1]}")
     if why:
         print(f"no TensorRT rows: {why}")
     failed = [r for r in rows if r[2] == "failed"]

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 
 from daemon.config import parse_model_config
-from daemon.engines.base import TensorSpec
+from daemon.device_tensor import DeviceTensor
 from daemon.errors import InvalidArgument
 from daemon.pipeline.processed import ProcessedEngine
-from daemon.processing.device import DeviceTensor, Gpu
+from daemon.processing.device import Gpu
+from daemon.tensor_spec import TensorSpec
 from tests.onnx_models import DETECTOR_ANCHORS, DETECTOR_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import subprocess
 import sys
@@ -14,9 +15,9 @@ import onnx
 import pytest
 
 from daemon.config import TensorRTOptions, TensorRTProfile
-from daemon.engines.base import TensorSpec
 from daemon.engines.tensorrt import builder as B
 from daemon.errors import ConfigError, InvalidArgument
+from daemon.tensor_spec import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "daemon" / "models" / "digits"
@@ -99,6 +100,8 @@ def test_option_fingerprint_is_canonical():
     assert B._canonical_options(a) == B._canonical_options(b)  # GPU fallback means nothing off the DLA
     assert B._canonical_options(opts(dla_core=0)) != B._canonical_options(opts(dla_core=0, gpu_fallback=False))
     assert B._canonical_options(opts()) != B._canonical_options(opts(workspace_mb=256))
+    assert "dla_batch" not in B._canonical_options(opts(dla_batch=8))  # GPU engines keep their ids
+    assert B._canonical_options(opts(dla_core=0)) != B._canonical_options(opts(dla_core=0, dla_batch=8))
 
 
 # --- without TensorRT ---
@@ -286,3 +289,302 @@ def test_int8_qdq_model_agrees_with_onnxruntime(tmp_path):
     want = _ort(lowered, x)
     assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99
     assert np.mean(got.argmax(1) == y) > 0.9
+
+
+# --- JetPack / TensorRT / CUDA versions (pure Python) ---
+
+
+def test_l4t_release_and_jetpack_from_nv_tegra_release(tmp_path):
+    from daemon.engines.tensorrt import platform as P
+
+    f = tmp_path / "nv_tegra_release"
+    f.write_text("# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, EABI: aarch64, DATE: Fri Sep 13 2024\n")
+    assert P.l4t_release(f) == "36.4.0"
+    assert P.jetpack_of("36.4.0") == "6.1" and P.jetpack_of("36.3.0") == "6.0" and P.jetpack_of("36.9.1") == "6.x"
+    f.write_text("# R35 (release), REVISION: 5\n")
+    assert P.l4t_release(f) == "35.5.0"
+    assert P.l4t_release(tmp_path / "absent") is None
+
+
+def test_tensorrt_older_than_10_is_refused_with_the_jetpack_sentence():
+    from daemon.engines.tensorrt.platform import check_tensorrt_version
+
+    with pytest.raises(ConfigError, match=r"tegrad needs TensorRT ≥ 10 \(JetPack ≥ 6\.1\); this is TensorRT 8\.6\.2"):
+        check_tensorrt_version("8.6.2")
+    check_tensorrt_version("10.3.0")
+    check_tensorrt_version("11.4.0.106")
+
+
+def test_cuda_version_from_the_toolkit(tmp_path):
+    from daemon.engines.tensorrt.platform import cuda_version
+
+    (tmp_path / "version.json").write_text('{"cuda": {"name": "CUDA SDK", "version": "12.6.68"}}')
+    assert cuda_version(tmp_path) == "12.6.68"
+    (tmp_path / "version.json").unlink()
+    (tmp_path / "version.txt").write_text("CUDA Version 10.2.300\n")
+    assert cuda_version(tmp_path) == "10.2.300"
+    assert cuda_version(tmp_path / "none") is None
+
+
+# --- a CUDA error makes the engine UNAVAILABLE (fake CUDA: the state machine runs without a GPU) ---
+
+
+class _FakeError(Exception):
+    pass
+
+
+class _FakeStream:
+    def __init__(self) -> None:
+        self.synced = 0
+        self.poisoned = False
+        self.handle = 1
+
+    def synchronize(self) -> None:
+        self.synced += 1
+        if self.poisoned:  # what a sticky error does to every later call
+            raise _FakeError("cuStreamSynchronize failed: an illegal memory access was encountered")
+
+
+class _FakeCuda:
+    class Event:
+        def record(self, stream=None) -> None:
+            pass
+
+    class Context:
+        depth = 0
+
+        @classmethod
+        def pop(cls) -> None:
+            cls.depth -= 1
+
+
+class _FakeCtx:
+    def push(self) -> None:
+        _FakeCuda.Context.depth += 1
+
+
+def _fake_engine(monkeypatch, run):
+    from daemon.engines.tensorrt import runner as R
+
+    monkeypatch.setattr(R, "_primary_context", lambda cuda: _FakeCtx())
+    engine = R.TrtEngine(_FakeCuda, [TensorSpec("x", "FP32", (-1, 2))], [TensorSpec("y", "FP32", (-1, 2))],
+                         precision="fp32", engine_id="e" * 16)
+    stream = _FakeStream()
+    engine._slots = [R._Slot(_FakeCuda, object(), stream)]
+    monkeypatch.setattr(engine, "_run", run)
+    return engine, stream
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    from daemon.engines.tensorrt import faults as F
+
+    heard: list[str] = []
+    F.on_sticky_fault(heard.append)
+    yield heard
+    F.on_sticky_fault(None)
+
+
+def test_a_sticky_cuda_error_makes_the_engine_unavailable_with_the_first_error(monkeypatch, faults):
+    from daemon.errors import Unavailable
+
+    calls = []
+
+    def run(s, feeds):
+        calls.append(1)
+        s.stream.poisoned = True
+        raise _FakeError("cuLaunchKernel failed: an illegal memory access was encountered")
+
+    engine, stream = _fake_engine(monkeypatch, run)
+    x = {"x": np.zeros((1, 2), np.float32)}
+    with pytest.raises(Unavailable, match="UNAVAILABLE after a CUDA error: cuLaunchKernel failed: an illegal memory"):
+        engine.infer(x)
+    assert stream.synced == 0  # synchronizing would only raise again and hide the first error
+    assert engine.failure.startswith("cuLaunchKernel failed")
+    assert len(faults) == 1 and "illegal memory access" in faults[0]
+    with pytest.raises(Unavailable, match="cuLaunchKernel failed"):  # the first error, not the later ones
+        engine.infer(x)
+    assert calls == [1] and len(faults) == 1  # the poisoned context is never touched again
+    assert _FakeCuda.Context.depth == 0  # every push popped
+
+
+def test_an_error_that_breaks_the_context_only_when_synchronizing_is_sticky_too(monkeypatch, faults):
+    from daemon.errors import Unavailable
+
+    def run(s, feeds):
+        s.stream.poisoned = True
+        raise RuntimeError("TensorRT could not run engine e: enqueue failed")
+
+    engine, _ = _fake_engine(monkeypatch, run)
+    with pytest.raises(Unavailable, match="enqueue failed; then cuStreamSynchronize failed: an illegal memory"):
+        engine.infer({"x": np.zeros((1, 2), np.float32)})
+    assert len(faults) == 1
+
+
+def test_an_ordinary_error_leaves_the_engine_serving(monkeypatch, faults):
+    results = iter([RuntimeError("cuMemAlloc failed: out of memory"), {"y": np.ones((1, 2), np.float32)}])
+
+    def run(s, feeds):
+        r = next(results)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    engine, stream = _fake_engine(monkeypatch, run)
+    x = {"x": np.zeros((1, 2), np.float32)}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.infer(x)
+    assert stream.synced == 1 and engine.failure == "" and faults == []
+    assert engine.infer(x)["y"].sum() == 2
+
+
+def test_sticky_errors_are_recognised_from_pycuda_and_tensorrt_messages():
+    from daemon.engines.tensorrt.faults import is_sticky
+
+    assert is_sticky("cuStreamSynchronize failed: unspecified launch failure")
+    assert is_sticky("IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (an illegal memory access was encountered)")
+    assert not is_sticky("cuMemAlloc failed: out of memory")
+    assert not is_sticky("input 'x' shape [3] is outside the engine's range")
+
+
+# --- DLA: one static shape; engine-level precision from the inspector's JSON ---
+
+
+def test_dla_forces_a_static_profile_from_dla_batch_or_opt_batch():
+    dla = opts(dla_core=0, min_batch=1, opt_batch=8)
+    assert B.profile_shapes({"x": (-1, 3, 4, 4)}, 64, dla) == {"x": ((8, 3, 4, 4),) * 3}
+    assert B.profile_shapes({"x": (-1, 3)}, 64, opts(dla_core=0, opt_batch=8, dla_batch=16))["x"] == ((16, 3),) * 3
+    assert B.profile_shapes({"x": (-1, 3)}, 32, opts(dla_core=1))["x"] == ((32, 3),) * 3  # max_batch
+    with pytest.raises(ConfigError, match="dla_batch 128 is above max_batch 64"):
+        B.profile_shapes({"x": (-1, 3)}, 64, opts(dla_core=0, dla_batch=128))
+    with pytest.raises(ConfigError, match="DLA core takes one static shape"):
+        B.profile_shapes({"x": (-1, 3)}, 4, opts(dla_core=0, profile=[prof("x", [1, 3], [2, 3], [4, 3])]))
+    # The GPU keeps its dynamic range.
+    assert B.profile_shapes({"x": (-1, 3)}, 64, opts(opt_batch=8))["x"] == ((1, 3), (8, 3), (64, 3))
+
+
+def test_a_static_batch_engine_runs_larger_batches_in_chunks_and_pads_smaller_ones(monkeypatch, faults):
+    seen = []
+
+    def run(s, feeds):
+        x = feeds["x"]
+        seen.append(len(x))
+        return {"y": x * 2}
+
+    engine, _ = _fake_engine(monkeypatch, run)
+    engine._static_batch = 4
+    x = np.arange(20, dtype=np.float32).reshape(10, 2)
+    out = engine.infer({"x": x})["y"]
+    assert seen == [4, 4, 4]  # 4 + 4 + 2 padded to 4
+    np.testing.assert_array_equal(out, x * 2)
+    assert engine.infer({"x": x[:1]})["y"].shape == (1, 2)
+
+
+def test_engine_inspector_layers_give_precision_and_device():
+    from daemon.engines.tensorrt import layers as L
+
+    found = L.parse((ROOT / "tests" / "data" / "engine_inspector_detailed.json").read_text())
+    assert [(x.precision, x.device) for x in found] == [
+        ("fp32", "gpu"), ("int8", "gpu"), ("fp16", "gpu"), ("fp16", "dla"), ("fp32", "gpu")]  # NoOp left out
+    counts = L.counts(found)
+    assert counts == {"fp16@dla": 1, "fp16@gpu": 1, "fp32@gpu": 2, "int8@gpu": 1}
+    assert L.by_precision(counts) == {"fp16": 2, "fp32": 2, "int8": 1}
+    assert L.by_precision({"int8": 3, "fp32": 1}) == {"int8": 3, "fp32": 1}  # an ONNX count passes through
+    table = L.table([vars(x) for x in found])
+    assert table.splitlines()[0].split() == ["LAYER", "TYPE", "PRECISION", "DEVICE"]
+    assert "{ForeignNode[/blocks.0/Conv.../blocks.1/Add]}  DLA" in table
+
+
+def test_engine_inspector_without_detail_or_json_is_told_apart():
+    from daemon.engines.tensorrt import layers as L
+
+    assert [x.precision for x in L.parse('{"Layers": ["conv1", "fc"], "Bindings": []}')] == ["unknown", "unknown"]
+    with pytest.raises(ValueError, match="no JSON"):
+        L.parse("Name: conv1")
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_tegrad_inspect_prints_the_per_layer_table_of_a_tensorrt_engine(tmp_path):
+    from dataclasses import asdict
+
+    from daemon.engines.tensorrt import layers as L
+
+    found = L.parse((ROOT / "tests" / "data" / "engine_inspector_detailed.json").read_text())
+    entry = tmp_path / "entries" / ("ab" * 32)
+    entry.mkdir(parents=True)
+    # What the factory stores for a TensorRT build (meta.json of the engine cache).
+    (entry / "meta.json").write_text(json.dumps({
+        "key": "ab" * 32, "model": "digits", "version": 2, "backend": "tensorrt", "precision": "int8",
+        "layers": L.counts(found), "build_info": {"engine_layers": [asdict(x) for x in found],
+                                                  "dla_placement": {"dla": 9, "gpu": 3, "fp32": 1}}}))
+    done = _cli("inspect", "digits", "--engine-cache-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("model digits version 2: engine abababababababab, tensorrt int8; layers fp16@dla 1")
+    assert "DLA before the build: 9 layers on DLA, 3 on the GPU (1 in FP32)" in done.stdout
+    assert any(line.split()[-2:] == ["int8", "gpu"] and line.startswith("/conv1/Conv + /relu1/Relu") for line in lines)
+    missing = _cli("inspect", "nope", "--engine-cache-dir", str(tmp_path))
+    assert missing.returncode == 1 and "no engine for model 'nope'" in missing.stdout
+
+
+def test_tegrad_inspect_of_an_onnxruntime_engine_shows_the_onnx_count(tmp_path):
+    done = _cli("selftest", "--precisions", "int8", "--cache-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    shown = _cli("inspect", "digits", "--engine-cache-dir", str(tmp_path))
+    assert shown.returncode == 0, shown.stderr
+    assert "onnxruntime int8; layers fp16 0, fp32 0, int8 5" in shown.stdout, shown.stdout
+    assert "ONNX Runtime engines are counted in the lowered ONNX" in shown.stdout
+
+
+# --- prebuilt engines (model.plan / model.engine): found in the version directory ---
+
+
+def _config(**kw):
+    from daemon.config import ModelConfig
+
+    return ModelConfig(**kw)
+
+
+def test_a_version_directory_with_a_plan_is_a_tensorrt_version(tmp_path):
+    from daemon.repository import layout
+
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.onnx").write_bytes(b"onnx")
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "model.plan").write_bytes(b"plan")
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "model.engine").write_bytes(b"engine")
+    trt_config, ort_config = _config(backend="tensorrt"), _config()
+    assert layout.versions_on_disk(tmp_path, layout.model_filenames(trt_config)) == [1, 2, 3]
+    assert layout.versions_on_disk(tmp_path, layout.model_filenames(ort_config)) == [1]
+    assert layout.model_file(tmp_path / "1", trt_config).name == "model.onnx"  # the ONNX wins: tegrad builds it
+    assert layout.model_file(tmp_path / "2", trt_config).name == "model.plan"
+    assert layout.model_file(tmp_path / "3", trt_config).name == "model.engine"
+    assert layout.model_file(tmp_path / "2", ort_config).name == "model.onnx"  # does not exist: NotFound later
+    named = _config(backend="tensorrt", default_model_filename="model.plan")  # Triton's spelling
+    assert layout.model_filenames(named) == ("model.plan", "model.engine")
+
+
+def test_a_prebuilt_engine_is_never_lowered_and_needs_the_tensorrt_backend(tmp_path):
+    import asyncio
+
+    from daemon.engines.cache import EngineCache
+    from daemon.engines.factory import EngineFactory
+    from daemon.engines.worker import BuildPool
+
+    plan = tmp_path / "1" / "model.plan"
+    plan.parent.mkdir()
+    plan.write_bytes(b"ftrt-not-really")
+    factory = EngineFactory(EngineCache(tmp_path / "cache", 1 << 20), BuildPool())
+    with pytest.raises(ConfigError, match='prebuilt TensorRT engine is served by backend = "tensorrt"'):
+        asyncio.run(factory.prepare(_config(name="m"), tmp_path, 1, plan))
+    if HAS_TENSORRT:
+        pytest.skip("with TensorRT installed the plan reaches the runner: see the tensorrt-marked tests")
+    with pytest.raises(ConfigError, match="needs the tensorrt Python package"):
+        asyncio.run(factory.prepare(_config(name="m", backend="tensorrt", precision="fp16"), tmp_path, 1, plan))
+    assert not any((tmp_path / "cache").rglob("*.onnx"))  # nothing was lowered or built
+    assert plan.read_bytes() == b"ftrt-not-really"

@@ -66,7 +66,8 @@ def _load(config: ModelConfig, model_dir: Path, model_file: Path, artifact: Path
         inputs, outputs = specs.resolve(*specs.from_onnx(model_file, config.name), config, model_dir)
         return trt_runner.load(artifact, inputs=inputs, outputs=outputs, instances=config.instances,
                                max_batch=config.max_batch, precision=config.precision, engine_id=key[:16],
-                               dla_core=config.tensorrt.dla_core)
+                               dla_core=config.tensorrt.dla_core,
+                               share_memory=config.tensorrt.share_activation_memory)
     from daemon.engines.onnxruntime import runner as ort_runner
 
     return ort_runner.load(artifact, config, model_dir, engine_id=key[:16])
@@ -103,6 +104,8 @@ class EngineFactory:
     async def prepare(self, config: ModelConfig, model_dir: Path, version: int, model_file: Path,
                       report: Callable[[str], None] = lambda s: None, source_sha: str | None = None) -> Prepared:
         """``source_sha``: the model file's sha256 when the caller has already read it."""
+        if model_file.suffix in (".plan", ".engine"):
+            return await self._prebuilt(config, model_dir, version, model_file, report, source_sha)
         name = config.name
         calib = calibration_path(config, model_dir)
         backend = await asyncio.to_thread(_backend, config)
@@ -128,6 +131,35 @@ class EngineFactory:
             raise ConfigError(f"model {name} version {version}: the engine fails its warm-up run: {exc}") from None
         return Prepared(engine, entry.key, calib_sha[:16] if calib_sha else "", dict(entry.meta.get("layers", {})),
                         build_seconds is None, build_seconds)
+
+    async def _prebuilt(self, config: ModelConfig, model_dir: Path, version: int, plan: Path,
+                        report: Callable[[str], None], source_sha: str | None) -> Prepared:
+        """A TensorRT engine built elsewhere (trtexec, DeepStream): loaded as it is, if this TensorRT
+        on this GPU can run it; calibration and lowering do not apply."""
+        if config.backend != "tensorrt":
+            raise ConfigError(f"{plan}: a prebuilt TensorRT engine is served by backend = \"tensorrt\"; "
+                              f"config.toml says {config.backend!r}")
+        ignored = [k for k, v in (("calibration_cache", config.calibration_cache), ("exclude", config.exclude)) if v]
+        if ignored or config.precision != "fp32":
+            log.warning("model %s version %d: %s is a prebuilt engine; calibration and lowering do not apply, "
+                        "so %s in config.toml changes nothing (the engine runs in what it was built in)",
+                        config.name, version, plan.name, ", ".join(ignored + ["precision"]))
+        from daemon.engines.tensorrt import runner as trt_runner
+
+        key = source_sha or await asyncio.to_thread(sha256_file, plan)
+        report("loading")
+        engine = await asyncio.to_thread(
+            trt_runner.load, plan, inputs=None, outputs=None, instances=config.instances,
+            max_batch=config.max_batch, precision=config.precision, engine_id=key[:16],
+            dla_core=config.tensorrt.dla_core, share_memory=config.tensorrt.share_activation_memory,
+            resolve=lambda i, o: specs.resolve(i, o, config, model_dir), prebuilt=True)
+        try:
+            report("warming up")
+            await asyncio.to_thread(warm_up, engine, config.build.warmup_runs)
+        except Exception as exc:
+            engine.close()
+            raise ConfigError(f"model {config.name} version {version}: the engine fails its warm-up run: {exc}") from None
+        return Prepared(engine, key, "", dict(engine.layer_counts), True, None)
 
     async def _build(self, config: ModelConfig, version: int, model_file: Path, calib: Path | None,
                      backend: _Backend, recipe: str, report: Callable[[str], None]):
@@ -156,7 +188,9 @@ class EngineFactory:
             metrics.ENGINE_BUILDS.labels(*labels, "success").inc()
             key = engine_key(result.lowered_sha256, backend.fingerprint)
             meta = {"backend": config.backend, "precision": config.precision, "fingerprint": backend.fingerprint,
-                    "lowered_sha256": result.lowered_sha256, "layers": result.layers, "model": config.name,
+                    # TensorRT: the built engine's layers by precision@device (its inspector); else the ONNX count.
+                    "lowered_sha256": result.lowered_sha256, "layers": result.info.get("layer_counts") or result.layers,
+                    "model": config.name,
                     "version": version, "build_seconds": round(result.seconds, 3),
                     "peak_rss_mb": round(result.peak_rss_mb, 1), "build_info": result.info}
             entry = await asyncio.to_thread(self.cache.store, key, result.artifact, meta)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon.config import ModelConfig, TensorConfig
-from daemon.engines.base import TensorSpec
 from daemon.errors import ConfigError
+from daemon.tensor_spec import TensorSpec
 
 _ONNX_TYPES = {
     "tensor(bool)": "BOOL",

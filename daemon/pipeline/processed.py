@@ -2,9 +2,12 @@
 
 Decoding happens before a request is queued (``admit``: one thread-pool task per image), so a
 corrupt image fails only its own request, never a batch it would have joined, and JPEG
-decoding of the next requests runs while the slots compute. Resize/normalise, inference and
-postprocessing then run in the slot's thread (or on its CUDA stream): with N slots the
-preprocessing of one batch overlaps the inference and postprocessing of others.
+decoding of the next requests runs while the slots compute. Every image is checked from its
+header before any is decoded, and the request first takes what its images will hold from the
+daemon's decode budget (:mod:`daemon.processing.budget`), waiting in line when it is spent.
+Resize/normalise, inference and postprocessing then run in the slot's thread (or on its CUDA
+stream): with N slots the preprocessing of one batch overlaps the inference and postprocessing
+of others.
 
 On the GPU with an engine that exposes a device-side slot (TensorRT's ``infer_device``), images
 stay on the device: the preprocessing kernel writes the engine's input buffer, the engine and the
@@ -20,6 +23,7 @@ metadata and exactly one must be sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -29,11 +33,15 @@ import numpy as np
 
 from daemon.config import ModelConfig
 from daemon.engines.availability import cuda_unavailable
-from daemon.engines.base import TensorSpec
 from daemon.errors import ConfigError, InvalidArgument
+from daemon.processing.budget import DecodeBudget, daemon_budget
 from daemon.processing.cpu import CpuPostprocessor, CpuPreprocessor
-from daemon.processing.images import decode_one, frames_batch
+from daemon.processing.images import BatchDecoder, CheckedImage, check_batch, frames_batch
 from daemon.processing.spec import bind_input, bind_output
+from daemon.telemetry.metrics import IMAGES_CORRUPT
+from daemon.tensor_spec import TensorSpec
+
+log = logging.getLogger("tegrad.images")
 
 
 def processing_device(config: ModelConfig) -> str:
@@ -58,8 +66,11 @@ def _object_array(items: list) -> np.ndarray:
 class ProcessedEngine:
     """The Engine protocol (what the scheduler runs) with pre/post-processing around an engine."""
 
-    def __init__(self, engine, config: ModelConfig, model_dir: Path, pool: Executor) -> None:
+    def __init__(self, engine, config: ModelConfig, model_dir: Path, pool: Executor,
+                 budget: DecodeBudget | None = None) -> None:
         self._engine = engine
+        self._name = config.name
+        self._budget = budget or daemon_budget()
         self.backend, self.precision, self.engine_id = engine.backend, engine.precision, engine.engine_id
         self._pre, self._post, self._pool = config.preprocess, config.postprocess, pool
         try:
@@ -132,14 +143,42 @@ class ProcessedEngine:
             images = frames_batch(batch, self._pre)
         else:
             items = batch.reshape(-1) if batch.ndim == 2 and batch.shape[1] == 1 else batch
-            if items.ndim != 1:
-                raise InvalidArgument(f"input {name!r}: encoded images come as BYTES [N] or [N, 1], got {list(batch.shape)}")
-            loop = asyncio.get_running_loop()
-            images = await asyncio.gather(*(
-                loop.run_in_executor(self._pool, decode_one, item, i, len(items), name, self._pre.max_image_pixels)
-                for i, item in enumerate(items)
-            ))
+            if items.ndim != 1 or items.size == 0:
+                raise InvalidArgument(f"input {name!r}: encoded images come as BYTES [N] or [N, 1] with N >= 1, "
+                                      f"got {list(batch.shape)}")
+            images = await self._decode(check_batch(list(items), self._pre))
         return {**inputs, name: _object_array(list(images))}
+
+    async def _decode(self, checked: list[CheckedImage]) -> list[np.ndarray]:
+        """Decode in the pool once the request's share of the decode budget is granted."""
+        budget = self._budget
+        largest = max(checked, key=lambda c: c.nbytes)
+        await budget.acquire(sum(c.nbytes for c in checked), f"this request of {len(checked)} image(s) (the largest, "
+                             f"batch index {largest.index}, is {largest.header.describe()})")
+        corrupt = IMAGES_CORRUPT.labels(self._name)
+
+        def on_image(item: CheckedImage, decoded) -> None:
+            budget.hold(decoded.image, item.nbytes)
+            if decoded.warning is not None:
+                corrupt.inc()
+                log.debug("%s: %s decoded despite corrupt data: %s", self._name, item.where, decoded.warning)
+
+        decoder = BatchDecoder(on_image, lambda item: budget.release(item.nbytes))
+        loop = asyncio.get_running_loop()
+        jobs = asyncio.gather(*(loop.run_in_executor(self._pool, decoder, item) for item in checked))
+        try:
+            # Shielded: a cancelled wait must not cancel pool jobs before they run, or their budget
+            # share would never come back; stopped, they skip their image and give it back.
+            return await asyncio.shield(jobs)
+        except BaseException:
+            decoder.stop()
+            raise
+
+    def _done_with_images(self, images) -> None:
+        # Preprocessed: what the decoded images held goes back to the budget now rather than when
+        # the request's last reference to them goes.
+        for image in images:
+            self._budget.release_image(image)
 
     def infer(self, feeds: dict[str, np.ndarray], slot: int = 0) -> dict[str, np.ndarray]:
         if self._on_device and self._pre.input in feeds:
@@ -148,6 +187,7 @@ class ProcessedEngine:
         transforms = None
         if self._pre is not None and self._pre.input in feeds:
             tensor, transforms = self._pres[slot].run(list(feeds[self._pre.input]))
+            self._done_with_images(feeds[self._pre.input])
             feeds = {k: v for k, v in feeds.items() if k != self._pre.input}
             feeds[self._model_input.name] = tensor
         t1 = time.perf_counter_ns()
@@ -170,6 +210,7 @@ class ProcessedEngine:
         name = self._model_input.name
         tensor, transforms = pre.enqueue(list(feeds[self._pre.input]), out_ptr=engine.input_buffer(slot, name))
         outputs = engine.infer_device(slot, {name: tensor.shape}, wait_for=pre.done)
+        self._done_with_images(feeds[self._pre.input])
         if hasattr(post, "enqueue"):
             post.enqueue(outputs[self._model_output.name], transforms, wait_for=engine.done_event(slot))
             result = post.result()

@@ -14,7 +14,6 @@ import os
 import shutil
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,6 @@ import numpy as np
 KERNEL_DIR = Path(__file__).parent / "kernels"
 _compile_lock = threading.Lock()
 _modules: dict[tuple[int, str], tuple[object, object]] = {}
-
-
-@dataclass(frozen=True)
-class DeviceTensor:
-    """A tensor in device memory that this module does not own (for example an engine's buffer)."""
-
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
 
 
 def kernel_cache_dir() -> str | bool:
@@ -106,6 +96,10 @@ class Gpu:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            # pycuda releases a primary context in detach() only when it is current: off the thread
+            # that retained it detach() is a no-op (a leak), on it detach() would push it and leave
+            # it pushed. Made current here first, it is released and popped on any thread.
+            self.context.push()
             self.context.detach()
 
 

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from calib.preprocess import Transform
+from daemon.device_tensor import DeviceTensor
 from daemon.errors import InvalidArgument
-from daemon.processing.device import DeviceTensor, Gpu, elapsed_ms
+from daemon.processing.device import Gpu, elapsed_ms
 from daemon.processing.geometry import plan
 from daemon.processing.gpu_post import GpuPostprocessor
 from daemon.processing.spec import PreprocessConfig
@@ -210,4 +211,10 @@ class GpuPreprocessor:
             self.output.free()
             self._spec_dev.free()
             self._host_out.base.free()
+            # The last references, dropped with the context current: pycuda destroys the events and
+            # our stream here and now, not later from the garbage collector on another thread.
+            for st in self._staging:
+                st.uploaded = None
+            self.start = self.uploaded = self.done = None
+            self.stream = None
         self.gpu.close()

@@ -18,9 +18,10 @@ import numpy as np
 
 from calib.detection import yolox_grids
 from calib.preprocess import Transform
+from daemon.device_tensor import DeviceTensor
 from daemon.errors import InvalidArgument
 from daemon.processing.cpu import label_tensor
-from daemon.processing.device import DeviceTensor, Gpu, HostResult, elapsed_ms
+from daemon.processing.device import Gpu, HostResult, elapsed_ms
 from daemon.processing.spec import PostprocessConfig
 
 _VARIANTS = {"yolox": 0, "yolov5": 1, "yolov8": 2}
@@ -251,4 +252,7 @@ class GpuPostprocessor:
             self._pred_host.base.free()
             if hasattr(self, "_transforms_host"):
                 self._transforms_host.base.free()
+            # Destroyed in their context now (see GpuPreprocessor.close), not by the garbage collector.
+            self.start = self.decoded = self.done = None
+            self.stream = None
         self.gpu.close()

@@ -1,52 +1,66 @@
 """Client images to BGR uint8 arrays: encoded JPEG/PNG bytes or raw frames, checked per item.
 
-Both the CPU and the GPU paths start here: decoding is OpenCV on the CPU either way (see
-:func:`calib.preprocess.decode_image`). A bad item raises ``InvalidArgument`` naming its batch
-index, before any work of the batch reaches a device, so one bad request never disturbs others.
+Both the CPU and the GPU paths start here: decoding is on the CPU either way (see
+:func:`calib.preprocess.decode`). Every item of a request is checked from its header first
+(:func:`check_item`: format, pixels, every intermediate image preprocessing will make, aspect
+ratio), before any pixel of any item is decoded, so a decompression bomb costs microseconds.
+A bad item raises ``InvalidArgument`` naming its batch index; once one item of a request
+fails, the items not yet started are skipped (:class:`BatchDecoder`), so one bad request
+never keeps the decode threads from others.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import numpy as np
 
-from calib.preprocess import decode_image
+from calib.image_header import ImageHeader, ImageHeaderError, read_header, sniff
+from calib.preprocess import DecodedImage, PreprocessSpec, decode, intermediate_sizes
 from daemon.errors import InvalidArgument
+from daemon.processing.budget import mib
 from daemon.processing.spec import PreprocessConfig
 
-_JPEG = b"\xff\xd8\xff"
-_PNG = b"\x89PNG\r\n\x1a\n"
-# Recognised only to say what was sent; serving accepts JPEG and PNG.
-_OTHER = {
-    b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
-    b"\x00\x00\x01\x00": "ICO", b"8BPS": "PSD",
-}
+SERVED = ("JPEG", "PNG")
+# A progressive JPEG's decoder walks every block of the image once per scan: a small file of
+# thousands of scans costs minutes of CPU. Encoders write about ten; libjpeg-turbo's TurboJPEG
+# API stops at 500 when asked to limit them (OpenCV never asks).
+MAX_PROGRESSIVE_SCANS = 500
 
 
-def _format_problem(data: bytes) -> str | None:
+@dataclass(frozen=True)
+class CheckedImage:
+    """An encoded item whose header passed every limit; ``nbytes`` is its memory estimate."""
+
+    where: str
+    index: int
+    data: bytes
+    header: ImageHeader
+    nbytes: int
+
+
+def _truncation(data: bytes, fmt: str) -> str | None:
     """Why ``data`` is not a complete JPEG or PNG file, or None if it looks like one.
 
     libjpeg decodes a truncated file without error (the missing rows come back grey), so
-    completeness is checked on the container: a JPEG must have its end-of-image marker after
-    the last start-of-scan, a PNG its IEND chunk.
+    completeness is checked on the container: a JPEG must have an end-of-image marker after its
+    image data, a PNG its IEND chunk.
     """
-    if data.startswith(_JPEG):
-        sos = data.rfind(b"\xff\xda")
+    if fmt == "JPEG":
+        # Encoders end the file with the marker (a few trailer bytes at most): look there first, as
+        # a scan of the whole file costs milliseconds per megabyte. Entropy-coded data never holds
+        # 0xFFD9 (0xFF is stuffed), so the first one after the first start-of-scan ends the image.
+        if data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) > data.find(b"\xff\xda", 0, 1 << 16) >= 0:
+            return None
+        sos = data.find(b"\xff\xda")
         if sos < 0 or data.find(b"\xff\xd9", sos) < 0:
             return "truncated JPEG (no end-of-image marker after the image data)"
-        return None
-    if data.startswith(_PNG):
-        if data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
-            return "truncated PNG (no IEND chunk)"
-        return None
-    if data[8:12] == b"WEBP" and data.startswith(b"RIFF"):
-        return "unsupported format WEBP (send JPEG or PNG)"
-    for magic, name in _OTHER.items():
-        if data.startswith(magic):
-            return f"unsupported format {name} (send JPEG or PNG)"
-    return "not a JPEG or PNG file"
+    elif data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
+        return "truncated PNG (no IEND chunk)"
+    return None
 
 
 def _item_bytes(item: object) -> bytes | None:
@@ -57,27 +71,143 @@ def _item_bytes(item: object) -> bytes | None:
     return None
 
 
-def decode_one(item: object, index: int, count: int, name: str, max_pixels: int) -> np.ndarray:
+def _batch_row_bytes(spec: PreprocessSpec) -> int:
+    """The image's row of the preprocessed batch tensor (float32), alive with the batch.
+
+    The copies preprocessing makes of one image (colour, resize) are transient, one image at a
+    time per slot, and bounded by max_image_pixels through :func:`_check_geometry`.
+    """
+    H, W = spec.size
+    return H * W * spec.channels * 4
+
+
+def _check_geometry(where: str, header: ImageHeader, max_pixels: int, max_aspect: float,
+                    spec: PreprocessSpec | None) -> None:
+    h, w = header.oriented_size
+    size = f"{w}x{h}"
+    if header.pixels > max_pixels:
+        raise InvalidArgument(
+            f"{where}: image is {header.format} {size} ({header.pixels} pixels, {mib(header.decode_bytes())} "
+            f"decoded), more than the model's max_image_pixels {max_pixels}; refused from its header"
+        )
+    ratio = max(h, w) / min(h, w)
+    if spec is not None:
+        for what, ih, iw in intermediate_sizes(h, w, spec):
+            if ih * iw > max_pixels:
+                raise InvalidArgument(
+                    f"{where}: image is {size} (aspect ratio {ratio:.0f}:1); {spec.resize} to "
+                    f"{spec.size[1]}x{spec.size[0]} would make a {iw}x{ih} {what} image ({ih * iw} pixels), "
+                    f"more than the model's max_image_pixels {max_pixels}"
+                )
+    if ratio > max_aspect:
+        raise InvalidArgument(
+            f"{where}: image is {size}, aspect ratio {ratio:.1f}:1, more extreme than the model's "
+            f"max_aspect_ratio {max_aspect:g}"
+        )
+
+
+def check_item(item: object, index: int, count: int, name: str, max_pixels: int,
+               max_aspect: float = float("inf"), spec: PreprocessSpec | None = None) -> CheckedImage:
+    """Everything that can be said about one item without decoding it; InvalidArgument if it is refused."""
     where = f"input {name!r}, batch index {index} of {count}"
     data = _item_bytes(item)
     if data is None:
         raise InvalidArgument(f"{where}: expected encoded image bytes, got {type(item).__name__}")
     if not data:
         raise InvalidArgument(f"{where}: empty image (0 bytes)")
-    problem = _format_problem(data)
+    fmt = sniff(data)
+    if fmt is None:
+        raise InvalidArgument(f"{where}: cannot decode: not a JPEG or PNG file ({len(data)} bytes)")
+    try:
+        header = read_header(data)
+    except ImageHeaderError as exc:
+        if fmt in SERVED:
+            raise InvalidArgument(f"{where}: cannot decode ({len(data)} bytes): {exc}") from None
+        raise InvalidArgument(f"{where}: unsupported format {fmt} (send JPEG or PNG)") from None
+    if header.format not in SERVED:
+        raise InvalidArgument(
+            f"{where}: unsupported format {header.format} ({header.width}x{header.height}, {len(data)} bytes; "
+            "send JPEG or PNG)"
+        )
+    _check_geometry(where, header, max_pixels, max_aspect, spec)
+    problem = _truncation(data, header.format)
     if problem is not None:
         raise InvalidArgument(f"{where}: cannot decode: {problem}")
-    try:
-        image = decode_image(data)
-    except ValueError:
-        raise InvalidArgument(f"{where}: cannot decode ({len(data)} bytes): corrupt or zero-sized image") from None
-    pixels = image.shape[0] * image.shape[1]
-    if pixels > max_pixels:
+    if header.progressive and (scans := data.count(b"\xff\xda")) > MAX_PROGRESSIVE_SCANS:
         raise InvalidArgument(
-            f"{where}: image is {image.shape[1]}x{image.shape[0]} ({pixels} pixels), more than the model's "
-            f"max_image_pixels {max_pixels}"
+            f"{where}: progressive JPEG {header.width}x{header.height} with {scans} scans, more than the "
+            f"{MAX_PROGRESSIVE_SCANS} tegrad decodes (encoders write about ten)"
         )
-    return image
+    nbytes = header.decode_bytes() + (_batch_row_bytes(spec) if spec is not None else 0)
+    return CheckedImage(where, index, data, header, nbytes)
+
+
+def check_batch(items: Sequence, config: PreprocessConfig) -> list[CheckedImage]:
+    """Every item checked from its header, in batch order (the first refusal is raised)."""
+    spec = config.to_spec()
+    return [
+        check_item(item, i, len(items), config.input, config.max_image_pixels, config.max_aspect_ratio, spec)
+        for i, item in enumerate(items)
+    ]
+
+
+def decode_checked(item: CheckedImage) -> DecodedImage:
+    try:
+        decoded = decode(item.data, item.header)
+    except ValueError:
+        raise InvalidArgument(
+            f"{item.where}: cannot decode ({len(item.data)} bytes): corrupt or zero-sized image"
+        ) from None
+    if sorted(decoded.image.shape[:2]) != sorted(item.header.oriented_size):
+        # A decoder that disagrees with the header it was checked against must not slip past the
+        # limits. Either orientation passes: OpenCV also applies EXIF orientation found in a PNG.
+        raise InvalidArgument(
+            f"{item.where}: corrupt image: decoded {decoded.image.shape[1]}x{decoded.image.shape[0]}, header says "
+            f"{item.header.width}x{item.header.height}"
+        )
+    return decoded
+
+
+class BatchDecoder:
+    """Decodes the checked items of one request, from any thread; after the first failure (or
+    :meth:`stop`) the items not yet started are skipped and ``on_skip`` is told about them.
+
+    ``on_image(item, decoded)`` sees every image decoded (the budget holds it, metrics count
+    corrupt ones).
+    """
+
+    def __init__(self, on_image: Callable[[CheckedImage, DecodedImage], None] | None = None,
+                 on_skip: Callable[[CheckedImage], None] | None = None) -> None:
+        self._stopped = threading.Event()
+        self._on_image, self._on_skip = on_image, on_skip
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def __call__(self, item: CheckedImage) -> np.ndarray | None:
+        if self._stopped.is_set():
+            if self._on_skip:
+                self._on_skip(item)
+            return None
+        try:
+            decoded = decode_checked(item)
+        except BaseException:
+            self._stopped.set()
+            if self._on_skip:
+                self._on_skip(item)
+            raise
+        if self._stopped.is_set():  # the request failed meanwhile: nobody will read this image
+            if self._on_skip:
+                self._on_skip(item)
+            return None
+        if self._on_image:
+            self._on_image(item, decoded)
+        return decoded.image
+
+
+def decode_one(item: object, index: int, count: int, name: str, max_pixels: int) -> np.ndarray:
+    """One item, checked from its header, then decoded (no preprocessing limits: see check_batch)."""
+    return decode_checked(check_item(item, index, count, name, max_pixels)).image
 
 
 def map_items(pool: Executor | None, fn: Callable, items: Sequence) -> list:
@@ -87,25 +217,26 @@ def map_items(pool: Executor | None, fn: Callable, items: Sequence) -> list:
     return list(pool.map(fn, range(len(items)), items))
 
 
-def decode_batch(batch: np.ndarray, config: PreprocessConfig, pool: Executor | None = None) -> list[np.ndarray]:
-    """A BYTES tensor ``[N]`` or ``[N, 1]`` of JPEG/PNG files to ``N`` BGR uint8 images.
-
-    With a ``pool``, images decode in parallel (OpenCV releases the GIL while it decodes).
-    """
+def _items(batch: np.ndarray, name: str) -> list:
     arr = np.asarray(batch, dtype=object)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1 or arr.shape[0] == 0:
         raise InvalidArgument(
-            f"input {config.input!r}: expected a BYTES tensor of shape [N] or [N, 1] with N >= 1 encoded images, "
+            f"input {name!r}: expected a BYTES tensor of shape [N] or [N, 1] with N >= 1 encoded images, "
             f"got shape {list(np.shape(batch))}"
         )
-    count = arr.shape[0]
+    return list(arr)
 
-    def one(i: int, item: object) -> np.ndarray:
-        return decode_one(item, i, count, config.input, config.max_image_pixels)
 
-    return map_items(pool, one, list(arr))
+def decode_batch(batch: np.ndarray, config: PreprocessConfig, pool: Executor | None = None) -> list[np.ndarray]:
+    """A BYTES tensor ``[N]`` or ``[N, 1]`` of JPEG/PNG files to ``N`` BGR uint8 images.
+
+    With a ``pool``, images decode in parallel (the decoders release the GIL).
+    """
+    checked = check_batch(_items(batch, config.input), config)
+    decoder = BatchDecoder()
+    return map_items(pool, lambda _, item: decoder(item), checked)
 
 
 def frames_batch(batch: np.ndarray, config: PreprocessConfig) -> list[np.ndarray]:
@@ -124,6 +255,8 @@ def frames_batch(batch: np.ndarray, config: PreprocessConfig) -> list[np.ndarray
             f"{where}: frames are {w}x{h} ({h * w} pixels), more than the model's max_image_pixels "
             f"{config.max_image_pixels}"
         )
+    _check_geometry(where, ImageHeader("raw", w, h), config.max_image_pixels, config.max_aspect_ratio,
+                    config.to_spec())
     return [arr[i] for i in range(n)]
 
 

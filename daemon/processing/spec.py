@@ -29,8 +29,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from calib.preprocess import PreprocessSpec
-from daemon.engines.base import TensorSpec
+from calib.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec
+from daemon.tensor_spec import TensorSpec
 
 # Keys shared with calib's PreprocessSpec; everything else in the table is serving-only.
 _SPEC_KEYS = (
@@ -55,8 +55,10 @@ class PreprocessConfig(_Strict):
     input: str = Field(default="image", min_length=1)
     format: Literal["encoded", "raw"] = "encoded"
     model_input: str | None = None
-    # A decompression-bomb guard: a 1 MB PNG can claim gigapixels.
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    # A decompression-bomb guard: a 1 MB PNG can claim gigapixels. Checked from the header, and on
+    # every intermediate image (center-crop of a 1x20000 strip to a 256 short side is 256x5120000).
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    max_aspect_ratio: float = Field(default=100.0, ge=1.0)
 
     size: int | tuple[int, int]
     resize: Literal["stretch", "letterbox", "center-crop"] = "stretch"

@@ -29,14 +29,34 @@ def model_dir(root: Path, name: str) -> Path:
     return path
 
 
-def versions_on_disk(path: Path, filename: str | None = None) -> list[int]:
-    """Version directories of a model, those holding ``filename`` when given."""
+def versions_on_disk(path: Path, filename: str | tuple[str, ...] | None = None) -> list[int]:
+    """Version directories of a model, those holding ``filename`` (or one of them) when given."""
+    names = (filename,) if isinstance(filename, str) else filename
     found = []
     for child in path.iterdir():
         if child.is_dir() and child.name.isdigit() and int(child.name) > 0 \
-                and (filename is None or (child / filename).is_file()):
+                and (names is None or any((child / n).is_file() for n in names)):
             found.append(int(child.name))
     return sorted(found)
+
+
+# What DeepStream and trtexec users bring: an engine already built (served as is by backend "tensorrt").
+PREBUILT_ENGINES = ("model.plan", "model.engine")
+
+
+def model_filenames(config) -> tuple[str, ...]:
+    """The files that can be a version's model, in the order they are looked for."""
+    if config.backend == "tensorrt":
+        return (config.default_model_filename, *(n for n in PREBUILT_ENGINES if n != config.default_model_filename))
+    return (config.default_model_filename,)
+
+
+def model_file(version_dir: Path, config) -> Path:
+    """The version's model: its ONNX, or for backend "tensorrt" a prebuilt plan when there is no ONNX."""
+    for name in model_filenames(config):
+        if (version_dir / name).is_file():
+            return version_dir / name
+    return version_dir / config.default_model_filename
 
 
 def config_dir(model_path: Path, version: int) -> Path:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from calib.cache import sha256_file
 from daemon.config import CONFIG_FILENAME, ModelConfig, load_model_config
-from daemon.engines.base import TensorSpec
 from daemon.engines.factory import EngineFactory, Prepared, calibration_path
 from daemon.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, TegradError
 from daemon.monitor.engine import attach as attach_monitor
@@ -28,6 +27,7 @@ from daemon.repository import layout
 from daemon.repository.state import ACTIVATING, ACTIVE, FAILED, INACTIVE, STAGED, StateStore, event
 from daemon.telemetry import metrics
 from daemon.telemetry.stats import VersionStats
+from daemon.tensor_spec import TensorSpec
 
 log = logging.getLogger("tegrad.repository")
 
@@ -186,7 +186,7 @@ class ModelManager:
         if active:
             return [active]
         held = {v.version for v in self.store.rollout_versions(name) if v.state != ACTIVE}
-        available = [v for v in layout.versions_on_disk(mdir, config.default_model_filename) if v not in held]
+        available = [v for v in layout.versions_on_disk(mdir, layout.model_filenames(config)) if v not in held]
         return config.version_policy.select(available)
 
     async def load(self, name: str, *, pin: int | None = None) -> None:
@@ -200,9 +200,9 @@ class ModelManager:
             model_config = await asyncio.to_thread(load_model_config, mdir)
             wanted = [pin] if pin else self._select(name, mdir, model_config)
             if not wanted:
-                available = await asyncio.to_thread(layout.versions_on_disk, mdir, model_config.default_model_filename)
+                available = await asyncio.to_thread(layout.versions_on_disk, mdir, layout.model_filenames(model_config))
                 raise InvalidArgument(
-                    f"model {name}: no version directory under {mdir} holds {model_config.default_model_filename} "
+                    f"model {name}: no version directory under {mdir} holds {' or '.join(layout.model_filenames(model_config))} "
                     f"and matches the version policy (found versions {available or 'none'}"
                     f"{'; staged versions wait for activation' if self.store.rollout_versions(name) else ''})"
                 )
@@ -214,7 +214,7 @@ class ModelManager:
                 cdir = layout.config_dir(mdir, version)
                 try:
                     config = model_config if cdir == mdir else await asyncio.to_thread(load_model_config, cdir, name)
-                    model_file = mdir / str(version) / config.default_model_filename
+                    model_file = layout.model_file(mdir / str(version), config)
                     if not model_file.is_file():
                         raise NotFound(f"model {name} has no version {version} ({model_file} does not exist)")
                     fingerprint, model_sha = await asyncio.to_thread(_fingerprint, cdir, model_file, config)

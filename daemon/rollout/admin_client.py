@@ -17,6 +17,7 @@ import grpc
 from calib.cache import sha256_file
 from daemon.protogen import admin_pb2 as pb
 from daemon.protogen import admin_pb2_grpc as pb_grpc
+from daemon.state_dir import default_state_dir
 
 log = logging.getLogger("tegrad.push")
 
@@ -27,8 +28,6 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
 
 def default_address(state_dir: Path | None = None) -> str:
     """The admin socket of the daemon whose ``--state-dir`` is ``state_dir`` (default: the same default)."""
-    from daemon.cli import default_state_dir
-
     return f"unix:{(state_dir or default_state_dir()) / 'admin.sock'}"
 
 

@@ -19,6 +19,7 @@ from daemon import __version__
 from daemon.engines.cache import EngineCache
 from daemon.engines.factory import EngineFactory
 from daemon.engines.worker import BuildPool
+from daemon.processing.budget import set_daemon_budget
 from daemon.protogen import admin_pb2_grpc
 from daemon.protogen import grpc_service_pb2 as pb
 from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
@@ -51,6 +52,7 @@ class ServeOptions:
     metrics_port: int = 8002
     state_dir: Path = Path("~/.local/state/tegrad").expanduser()
     max_message_bytes: int = 64 * 1024 * 1024
+    max_decode_bytes: int | None = None  # decoded images in flight; None: daemon.processing.budget's default
     drain_timeout: float = 30.0
     engine_cache_dir: Path | None = None  # default: <state_dir>/engines
     engine_cache_max_bytes: int = 8 << 30
@@ -139,6 +141,8 @@ def _admin_server(opts: ServeOptions, rollouts: Rollouts) -> tuple[grpc.aio.Serv
 
 async def serve(opts: ServeOptions) -> int:
     repository = opts.repository or EMBEDDED_REPOSITORY
+    if opts.max_decode_bytes is not None:
+        set_daemon_budget(opts.max_decode_bytes)
     store = StateStore(opts.state_dir / "state.sqlite3")
     cache = EngineCache(opts.engine_cache_dir or opts.state_dir / "engines", opts.engine_cache_max_bytes)
     factory = EngineFactory(cache, BuildPool(opts.build_jobs))

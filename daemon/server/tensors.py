@@ -20,9 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from daemon.engines.base import TensorSpec
 from daemon.errors import Internal, InvalidArgument
 from daemon.protogen import grpc_service_pb2 as pb
+from daemon.tensor_spec import TensorSpec
 
 __all__ = [
     "classify",

@@ -60,8 +60,9 @@ MODEL_INFO = Gauge(
 )
 ENGINE_LAYERS = Gauge(
     "tegrad_engine_layers",
-    "Weighted layers (Conv, ConvTranspose, Gemm, MatMul) of a loaded engine by the precision they run in.",
-    ["model", "version", "precision"],
+    "Layers of a loaded engine by the precision and device they run in: for TensorRT every layer of the "
+    "built engine (its inspector), for ONNX Runtime the weighted layers (Conv, ConvTranspose, Gemm, MatMul).",
+    ["model", "version", "precision", "device"],
 )
 
 # Engine builds take from a second (ONNX Runtime, small models) to tens of minutes (TensorRT on a Nano).
@@ -132,6 +133,19 @@ SHARED_MEMORY_BYTES = Gauge(
 )
 
 
+# Client images: decoded bytes in flight (tegrad serve --max-decode-bytes) and files decoded despite corrupt data.
+DECODE_BUDGET_IN_USE = Gauge(
+    "tegrad_decode_budget_bytes_in_use",
+    "Bytes of the daemon's decode budget held by images being decoded, queued or preprocessed.",
+)
+IMAGES_CORRUPT = Counter(
+    "tegrad_images_corrupt",
+    "Images accepted although the decoder recovered from corrupt data (e.g. a truncated JPEG whose missing "
+    "rows came back grey), by model.",
+    ["model"],
+)
+
+
 def set_validation_scores(model: str, version: str, scores: dict[str, float]) -> None:
     for metric, value in scores.items():
         VALIDATION_SCORE.labels(model, version, metric).set(value)
@@ -192,8 +206,10 @@ PRECISION_ROLLBACKS = Counter(
 def set_model_info(model: str, version: str, backend: str, precision: str, engine_id: str,
                    calibration_cache_id: str = "", layers: dict[str, int] | None = None) -> None:
     MODEL_INFO.labels(model, version, backend, precision, engine_id, calibration_cache_id).set(1)
-    for p, n in (layers or {}).items():
-        ENGINE_LAYERS.labels(model, version, p).set(n)
+    for key, n in (layers or {}).items():
+        # "int8@dla" from a TensorRT engine's inspector; a bare precision is an ONNX count.
+        p, _, device = key.partition("@")
+        ENGINE_LAYERS.labels(model, version, p, device or ("gpu" if backend == "tensorrt" else "cpu")).set(n)
 
 
 def forget_model_version(model: str, version: str) -> None:

@@ -519,9 +519,10 @@ def test_cli_health_models_infer(digits_server):
     assert models.returncode == 0, models
     header, *rows = models.stdout.splitlines()
     assert header.split() == ["MODEL", "VERSION", "STATE", "BACKEND", "PRECISION", "ENGINE", "CALIBRATION",
-                              "LAYERS(i8/f16/f32)", "REASON"]
+                              "LAYERS(i8/f16/f32)", "AGREEMENT", "DRIFT", "REASON"]
     [row] = [r.split() for r in rows]
-    assert row[:5] == ["digits", "1", "READY", "onnxruntime", "fp32"] and row[6:] == ["-", "0/0/5"]
+    # fp32 serves unmonitored: no live agreement or drift
+    assert row[:5] == ["digits", "1", "READY", "onnxruntime", "fp32"] and row[6:] == ["-", "0/0/5", "-", "-"]
     assert re.fullmatch(r"[0-9a-f]{16}", row[5]), row
 
     infer = _tegrad("infer", "-k", "3", *url)

@@ -148,7 +148,7 @@ def _bad_items() -> dict[str, object]:
         ("truncated JPEG", "truncated JPEG"),
         ("truncated PNG", "truncated PNG"),
         ("empty", "empty image"),
-        ("zero-sized PNG", "corrupt or zero-sized"),
+        ("zero-sized PNG", "zero-sized image: the PNG header says 0x0"),
         ("GIF", "unsupported format GIF"),
         ("BMP", "unsupported format BMP"),
         ("not bytes", "expected encoded image bytes, got int"),

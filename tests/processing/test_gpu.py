@@ -280,7 +280,7 @@ def test_yolo_random_outputs_match_cpu(variant, threshold, agnostic, max_det, gp
 
 
 def test_yolo_reads_a_device_tensor(gpu_post):
-    from daemon.processing.device import DeviceTensor
+    from daemon.device_tensor import DeviceTensor
 
     rng = np.random.default_rng(3)
     pred = np.stack([random_yolo("yolov8", rng) for _ in range(3)])

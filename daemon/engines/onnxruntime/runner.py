@@ -12,9 +12,9 @@ import numpy as np
 
 from daemon.config import ModelConfig
 from daemon.engines import specs
-from daemon.engines.base import TensorSpec
 from daemon.engines.onnxruntime.builder import providers, threads_per_slot
 from daemon.errors import ConfigError
+from daemon.tensor_spec import TensorSpec
 
 
 class OrtEngine:

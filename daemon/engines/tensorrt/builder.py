@@ -13,10 +13,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon.config import TensorRTOptions
+from daemon.engines.tensorrt import layers
+from daemon.engines.tensorrt.platform import check_tensorrt_version
 from daemon.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: tests/tensorrt_api checks the calls on them against the real bindings
+    import tensorrt as trt
 
 log = logging.getLogger("tegrad.engines.tensorrt")
 
@@ -29,6 +36,7 @@ def require_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise ConfigError(f"{_MISSING}: {exc}") from None
+    check_tensorrt_version(str(trt.__version__))
     return trt
 
 
@@ -71,6 +79,11 @@ def trt_logger():
     return _logger
 
 
+def logged_errors() -> str:
+    """The TensorRT errors logged lately, without creating a logger (or importing TensorRT)."""
+    return " | ".join(_logger.errors) if _logger is not None else ""
+
+
 def _canonical_options(options: TensorRTOptions) -> str:
     build = {
         "workspace_mb": options.workspace_mb,
@@ -81,6 +94,8 @@ def _canonical_options(options: TensorRTOptions) -> str:
         "opt_batch": options.opt_batch,
         "profile": sorted([p.input, p.min, p.opt, p.max] for p in options.profile),
     }
+    if options.dla_core >= 0:  # only there: GPU engines keep the ids they had
+        build["dla_batch"] = options.dla_batch
     return json.dumps(build, sort_keys=True, separators=(",", ":"))
 
 
@@ -106,6 +121,8 @@ def profile_shapes(
     """min/opt/max shape of every network input for the one optimization profile.
 
     ``input_shapes`` holds the shapes as the ONNX declares them, -1 for a variable dimension.
+    On a DLA core every shape is static (DLA takes min = opt = max only): the batch dimension is
+    ``dla_batch`` (or ``opt_batch``, else ``max_batch``); the runner splits and pads batches to it.
     """
     explicit = {p.input: p for p in options.profile}
     unknown = sorted(set(explicit) - set(input_shapes))
@@ -119,7 +136,7 @@ def profile_shapes(
         shape = tuple(int(d) for d in declared)
         p = explicit.get(name)
         if p is not None:
-            result[name] = _explicit(name, shape, p, max_batch)
+            result[name] = _explicit(name, shape, p, max_batch, dla=options.dla_core >= 0)
             continue
         lo, opt, hi = list(shape), list(shape), list(shape)
         first_free = 0
@@ -130,12 +147,18 @@ def profile_shapes(
                     "(batch) dimension; set max_batch = 0 or export the model with a dynamic batch axis"
                 )
             opt_batch = options.opt_batch or max_batch
-            if not options.min_batch <= opt_batch <= max_batch:
+            if options.dla_core >= 0:
+                static = options.dla_batch or opt_batch
+                if static > max_batch:
+                    raise ConfigError(f"tensorrt.dla_batch {static} is above max_batch {max_batch}")
+                lo[0] = opt[0] = hi[0] = static
+            elif not options.min_batch <= opt_batch <= max_batch:
                 raise ConfigError(
                     f"tensorrt batch sizes need min_batch <= opt_batch <= max_batch; got {options.min_batch}, "
                     f"{opt_batch}, {max_batch}"
                 )
-            lo[0], opt[0], hi[0] = options.min_batch, opt_batch, max_batch
+            else:
+                lo[0], opt[0], hi[0] = options.min_batch, opt_batch, max_batch
             first_free = 1
         for i in range(first_free, len(shape)):
             if shape[i] < 0:
@@ -147,7 +170,7 @@ def profile_shapes(
     return result
 
 
-def _explicit(name: str, shape: Shape, p, max_batch: int) -> tuple[Shape, Shape, Shape]:
+def _explicit(name: str, shape: Shape, p, max_batch: int, dla: bool = False) -> tuple[Shape, Shape, Shape]:
     where = f"[[tensorrt.profile]] for input {name!r}"
     if len(p.min) != len(shape):
         raise ConfigError(f"{where} has rank {len(p.min)} but the model's input has shape {list(shape)}")
@@ -155,6 +178,11 @@ def _explicit(name: str, shape: Shape, p, max_batch: int) -> tuple[Shape, Shape,
         if d >= 0 and not p.min[i] == p.opt[i] == p.max[i] == d:
             raise ConfigError(f"{where}: dimension {i} is fixed at {d} in the model, but the profile gives "
                               f"min/opt/max {p.min[i]}/{p.opt[i]}/{p.max[i]}")
+    if dla:
+        if not list(p.min) == list(p.opt) == list(p.max):
+            raise ConfigError(f"{where}: a DLA core takes one static shape; give the same min, opt and max "
+                              f"(got {list(p.min)}, {list(p.opt)}, {list(p.max)})")
+        return tuple(p.min), tuple(p.opt), tuple(p.max)  # the runner splits larger batches
     if max_batch > 0 and p.max[0] < max_batch:
         # The scheduler would form batches the engine cannot take.
         raise ConfigError(f"{where}: max shape batch {p.max[0]} is below max_batch {max_batch}")
@@ -214,7 +242,7 @@ def _atomic_write(path: Path, data) -> int:
     return view.nbytes
 
 
-def _use_timing_cache(config, path: Path | None) -> None:
+def _use_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
     cache = None
     data = path.read_bytes() if path is not None and path.is_file() else b""
     if data:
@@ -276,6 +304,11 @@ def build_engine(
         config.DLA_core = options.dla_core
         if options.gpu_fallback and hasattr(trt.BuilderFlag, "GPU_FALLBACK"):
             config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+        dla_plan = _dla_placement(trt, network, config, options, onnx_path)
+    else:
+        dla_plan = None
+    # Per-layer precision and device of the built engine, for tegrad_engine_layers and `tegrad inspect`.
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     _use_timing_cache(config, timing_cache_path)
     logger.errors.clear()  # a rejected timing cache is not why a build fails
     monitor = None
@@ -295,10 +328,63 @@ def build_engine(
             _atomic_write(timing_cache_path, config.get_timing_cache().serialize())
         except OSError as exc:  # a lost cache only slows the next build down
             log.warning("could not save TensorRT timing cache %s: %s", timing_cache_path, exc)
-    return {"layers": network.num_layers, "plan_bytes": size, "tensorrt": trt.__version__}
+    info = {"layers": network.num_layers, "plan_bytes": size, "tensorrt": trt.__version__}
+    if dla_plan is not None:
+        info["dla_placement"] = dla_plan
+    del parser, network, config, builder  # the builder's memory goes before the engine is loaded to inspect it
+    report("inspecting")
+    info.update(inspect_plan(trt, logger, plan))
+    return info
 
 
-def _parser_error(err) -> str:
+def _dla_placement(trt, network: trt.INetworkDefinition, config: trt.IBuilderConfig, options: TensorRTOptions,
+                   onnx_path: Path) -> dict[str, int]:
+    """How many layers the DLA core can take, before building; FP32 layers never can (DLA runs
+    FP16 and INT8 only), and without GPU fallback they are refused rather than built to fail."""
+    on_gpu, fp32 = [], []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHUFFLE):
+            continue  # folded or free: nothing to place
+        if layer.num_outputs and layer.get_output(0).dtype == trt.DataType.FLOAT:
+            fp32.append(layer.name)
+            on_gpu.append(layer.name)
+        elif not config.can_run_on_DLA(layer):
+            on_gpu.append(layer.name)
+    counted = sum(1 for i in range(network.num_layers)
+                  if network.get_layer(i).type not in (trt.LayerType.CONSTANT, trt.LayerType.SHUFFLE))
+    placement = {"dla": counted - len(on_gpu), "gpu": len(on_gpu), "fp32": len(fp32)}
+    some = ", ".join(on_gpu[:5]) + (", …" if len(on_gpu) > 5 else "")
+    if on_gpu and not options.gpu_fallback:
+        why = (f"{len(fp32)} of them compute in FP32, which DLA cannot run; lower the model with FP16 glue "
+               "(the TensorRT target's default for fp16, int8 and mixed)" if fp32 else "DLA does not support them")
+        raise ConfigError(f"{onnx_path}: tensorrt.dla_core {options.dla_core} with gpu_fallback = false, but "
+                          f"{len(on_gpu)} of {counted} layers cannot run on DLA ({some}): {why}; or set "
+                          "tensorrt.gpu_fallback = true to run them on the GPU")
+    if on_gpu:
+        log.warning("DLA core %d: %d of %d layers fall back to the GPU (%d in FP32): %s", options.dla_core,
+                    len(on_gpu), counted, len(fp32), some)
+    else:
+        log.info("DLA core %d: all %d layers can run on DLA", options.dla_core, counted)
+    return placement
+
+
+def inspect_plan(trt, logger, plan) -> dict:
+    """Per-layer precision and device of the engine in ``plan`` (from its inspector); empty when
+    TensorRT cannot say, so that the ONNX count stands."""
+    try:
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan)
+        found = layers.of_engine(trt, engine) if engine is not None else []
+    except Exception as exc:  # a missing layer table must not fail a good build
+        log.warning("TensorRT engine inspector: %s", exc)
+        return {}
+    if not found:
+        return {}
+    return {"engine_layers": [asdict(layer) for layer in found], "layer_counts": layers.counts(found)}
+
+
+def _parser_error(err: trt.ParserError) -> str:
     node = err.node_name() if hasattr(err, "node_name") else ""  # node_name is new in TensorRT 10
     return f"node {node!r}: {err.desc()}" if node else err.desc()
 
