@@ -122,8 +122,12 @@ class Rollouts:
         seconds: dict[str, float] = {}
         work = layout.staging_root(self.root) / op_id
         try:
-            async with self._staging:
-                version = await self._stage(op_id, path, work, seconds)
+            try:
+                async with self._staging:
+                    version = await self._stage(op_id, path, work, seconds)
+            finally:
+                # Before the outcome is published: whoever sees the operation done finds no staging files.
+                await asyncio.to_thread(shutil.rmtree, work, True)
             if auto:
                 self.board.update(op_id, state=OP_ACTIVATING, progress="activating")
                 seconds["activate"] = await self.activate(version.model, version.version)
@@ -137,8 +141,6 @@ class Rollouts:
         except Exception as exc:  # a bug must fail the operation, not leave it running forever
             log.exception("operation %s failed unexpectedly", op_id)
             self._fail(op_id, f"internal error: {type(exc).__name__}: {exc}", seconds)
-        finally:
-            await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _stage(self, op_id: str, path: Path, work: Path, seconds: dict[str, float]) -> RolloutVersion:
         from daemon.rollout import signing

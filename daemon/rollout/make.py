@@ -300,8 +300,9 @@ def create(
     ships as (default: the source's number, else 1). ``golden_inputs`` (images or
     image folders, preprocessed with the config's ``[preprocess]``; .npz/.npy files,
     see :mod:`daemon.tensor_files` for the key mapping; an array or a mapping) gives
-    the first ``golden_count`` samples, whose FP32 outputs ONNX Runtime computes here. ``calibrate_data`` (anything
-    ``calib.observe`` reads) makes a calibration cache when none is given.
+    the first ``golden_count`` samples, whose FP32 outputs ONNX Runtime computes here.
+    ``calibrate_data`` (anything ``calib.observe`` reads) makes a calibration cache
+    when none is given.
     ``created`` defaults to ``$SOURCE_DATE_EPOCH`` or now; fix it to get
     byte-identical bundles from the same inputs.
     """
