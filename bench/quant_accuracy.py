@@ -10,6 +10,9 @@ Sections (all in one run, on the benchmark zoo):
 3. CPU latency: FP32 vs INT8 graphs on ONNX Runtime, batch 1 and 8, medians over repeated blocks.
 4. YOLOX-Nano on 100 COCO images: F1 of INT8 detections against the FP32 detections.
 5. Summary of the targets.
+6. TensorRT-target FP16 glue: type census (FP32 / FP16 compute nodes, Pads) of the INT8 and mixed
+   graphs of EfficientNet-Lite0 and YOLOX-Nano with FP32 glue (as before) and FP16 glue, and the
+   EfficientNet-Lite0 top-1 agreement of FP16-glue INT8 with FP32-glue INT8 (both run on ORT).
 
     python bench/quant_accuracy.py                       # everything (~10 min on 2 cores)
     python bench/quant_accuracy.py --limit-eval 100 --sections 1,3
@@ -41,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.tables import say as _say  # noqa: E402
 from bench.tables import table as _table  # noqa: E402
-from calib import algorithms, sensitivity  # noqa: E402
+from calib import algorithms, glue, qdq, sensitivity  # noqa: E402
 from calib.datasets import ImageFolder, batches  # noqa: E402
 from calib.evaluate import EvalResult, compare_outputs, run_batches, session  # noqa: E402
 from calib.lower import count_precisions, lower  # noqa: E402
@@ -612,6 +615,64 @@ class Bench:
         self.results["yolox"] = info
         self._yolox_rows = rows
 
+    # -- section 6 ---------------------------------------------------------------------------
+    def section_glue(self) -> None:
+        args = self.args
+        _say("=" * 100)
+        _say("6. TensorRT target: FP16 glue vs FP32 glue (type census; EfficientNet-Lite0 agreement on ORT)")
+        _say("=" * 100)
+        method = self.best_method()
+        census_rows = []
+        info: dict[str, Any] = {"method": method}
+        yolox_amax = None
+        for label, path in (("EfficientNet-Lite0", self.effnet), ("YOLOX-Nano", self.yolox)):
+            if label.startswith("Eff"):
+                amax = self.effnet_amax()[method]
+            else:
+                if yolox_amax is None:
+                    obs = observe(self.yolox, self.calib_dir, None, spec=PRESETS["yolox"], batch_size=1,
+                                  histogram=method != "max", progress=False, limit=27)
+                    yolox_amax = algorithms.compute_all(obs, method)
+                amax = yolox_amax
+            model = onnx.load(str(path))
+            weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+            exclude = [weighted[0], weighted[-1]]  # the usual sensitive pair: first and last layer
+            old = qdq.insert_qdq(onnx.load(str(path)), amax, target="tensorrt")  # before: no folding, FP32 glue
+            graphs = [("INT8, FP32 glue before (no Pad folding)", old)]
+            for precision in ("int8", "mixed"):
+                ex = exclude if precision == "mixed" else []
+                for g in ("fp32", "fp16"):
+                    graphs.append((f"{precision.upper()}{' (first+last FP16)' if ex else ''}, {g} glue",
+                                   lower(model, precision, amax, exclude=ex, target="tensorrt", glue=g)))
+            for name, m in graphs:
+                c = glue.type_census(m)
+                census_rows.append([label, name, c.get("fp32", 0), c.get("fp16", 0), c.get("Pad", 0)])
+                info.setdefault("census", []).append({"model": label, "graph": name, **c})
+        _say(_table(["model", "graph (tensorrt target)", "FP32 nodes", "FP16 nodes", "Pads"], census_rows))
+        _say("compute nodes by output type, Q/DQ and Casts not counted; CPU-target graphs keep FP32 glue")
+
+        eval_dir = self.zoo / "images" / "imagenet_eval"
+        files = sorted(p for p in eval_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if args.limit_eval:
+            files = files[: args.limit_eval]
+        x, _ = _stack(eval_dir, self.eff_spec, files)
+        data = _chunks(x, EVAL_BATCH)
+        amax = self.effnet_amax()[method]
+        ref = run_batches(str(self.effnet), data)
+        outs = {g: run_batches(_save(lower(str(self.effnet), "int8", amax, target="tensorrt", glue=g),
+                                     self.work / f"effnet_glue_{g}.onnx"), data) for g in ("fp32", "fp16")}
+        rows = []
+        for name, a, b in (("FP16 glue vs FP32 glue", outs["fp32"], outs["fp16"]),
+                           ("FP32 glue vs FP32 model", ref, outs["fp32"]), ("FP16 glue vs FP32 model", ref, outs["fp16"])):
+            r = compare_outputs(a, b)
+            rows.append([name, f"{r.top1_agreement:.4f}", f"{r.cosine:.5f}"])
+            info[name] = {"top1_agreement": r.top1_agreement, "cosine": r.cosine}
+        _say()
+        _say(_table([f"EfficientNet-Lite0 INT8 {method}, tensorrt target, {len(files)} images", "top-1 agreement",
+                     "cosine"], rows))
+        self.results["glue"] = info
+        self._glue_agreement = info["FP16 glue vs FP32 glue"]["top1_agreement"]
+
     # -- section 5 ---------------------------------------------------------------------------
     def summary(self) -> None:
         _say("=" * 100)
@@ -654,6 +715,10 @@ class Bench:
         if yrows:
             name, r = max(yrows[1:], key=lambda nr: nr[1].f1)
             lines.append(("YOLOX INT8 (or mixed) F1 >= 0.9", r.f1 >= 0.9, f"{name}: F1 {r.f1:.3f}"))
+        agree = getattr(self, "_glue_agreement", None)
+        if agree is not None:
+            lines.append(("EfficientNet FP16-glue INT8 top-1 agreement with FP32 glue >= 0.99", agree >= 0.99,
+                          f"{agree:.4f}"))
         table = [[t, "MET" if ok else "MISSED", d] for t, ok, d in lines]
         _say(_table(["target", "status", "measured"], table, align="lll"))
         self.results["targets"] = [{"target": t, "met": ok, "detail": d} for t, ok, d in lines]
@@ -664,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zoo", default=str(ROOT.parent / "shared" / "zoo"), help="benchmark zoo folder")
     p.add_argument("--limit-eval", type=int, default=None, help="evaluate on the first N images only (quick run)")
     p.add_argument("--skip-ort", action="store_true", help="leave out ONNX Runtime's quantization tool")
-    p.add_argument("--sections", default="1,2,3,4", help="comma-separated subset of 1,2,3,4 (5, the summary, always)")
+    p.add_argument("--sections", default="1,2,3,4,6", help="comma-separated subset of 1,2,3,4,6 (5, the summary, always)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     p.add_argument("--algorithm", default="entropy", choices=METHODS,
                    help="INT8 algorithm for latency when section 1 (which picks the best) is not run")
@@ -686,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"1", "2", "3", "4", "5"}
+    unknown = sections - {"1", "2", "3", "4", "5", "6"}
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}")
     if not Path(args.zoo, "models").is_dir():
@@ -706,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.section_latency()
         if "4" in sections:
             bench.section_yolox()
+        if "6" in sections:
+            bench.section_glue()
         bench.summary()
     finally:
         if not args.keep:

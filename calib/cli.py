@@ -30,7 +30,7 @@ from calib.preprocess import (
 )
 
 ALGORITHMS = ("max", "entropy", "percentile", "mse")
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+PRECISIONS = ("fp32", "fp16", "int8", "mixed", "explicit")
 
 
 class _UsageError(ValueError):
@@ -241,10 +241,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     elif args.cache:
         print(f"note: --cache is not used for --precision {args.precision}", file=sys.stderr)
     model = lower(args.model, args.precision, amax=amax, exclude=args.exclude or (),
-                  exclude_precision=args.exclude_precision, target=args.target)
+                  exclude_precision=args.exclude_precision, target=args.target, glue=args.glue)
     out = Path(args.out) if args.out else _default_out(args.model, f".{args.precision}.onnx")
     _save_model(model, out)
-    print(f"wrote {out} ({args.precision}, target {args.target})")
+    glue = f", {args.glue or ('fp16' if args.target == 'tensorrt' else 'fp32')} glue" if args.precision in ("int8", "mixed") else ""
+    print(f"wrote {out} ({args.precision}, target {args.target}{glue})")
     return 0
 
 
@@ -393,6 +394,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--exclude-precision", choices=("fp16", "fp32"), default="fp16",
                    help="precision of excluded layers in --precision mixed")
     p.add_argument("--target", choices=("tensorrt", "cpu"), default="tensorrt")
+    p.add_argument("--glue", choices=("fp16", "fp32"), default=None,
+                   help="type of everything outside Q/DQ (default: fp16 for --target tensorrt, fp32 for cpu)")
     p.add_argument("--no-check", action="store_true", help="skip the model-hash / tensor-name check of the cache")
     p.add_argument("-o", "--out", help="output ONNX (default <model>.<precision>.onnx)")
     p.set_defaults(func=_wrap(cmd_quantize, "quantize"))

@@ -60,11 +60,14 @@ FP32_OPS: tuple[str, ...] = (
 
 #: Ops whose output type is set by an attribute, or that only produce shapes/indices: they
 #: keep their types and the FP16 region ends at their inputs.
-_TYPE_OPS = frozenset(
+TYPE_OPS = frozenset(
     {"Cast", "CastLike", "Constant", "ConstantOfShape", "Shape", "Size", "EyeLike", "RandomNormal", "RandomUniform", "NonZero"}
 )
 
 _FP16_MAX = 65504.0
+
+#: Float inputs that are parameters, not data: ONNX keeps them float32 whatever the data type.
+_FLOAT_PARAMS = {"Resize": {1, 2}, "Upsample": {1}}
 
 
 def convert_fp16(
@@ -83,7 +86,7 @@ def convert_fp16(
     types = tensor_types(model)
     chosen = []
     for node in model.graph.node:
-        if node.op_type in ops or node.name in blocked or node.op_type in _TYPE_OPS or node.domain not in ("", "ai.onnx"):
+        if node.op_type in ops or node.name in blocked or node.op_type in TYPE_OPS or node.domain not in ("", "ai.onnx"):
             continue
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             continue
@@ -110,8 +113,9 @@ def nodes_to_fp16(model: onnx.ModelProto, node_names: Iterable[str], types: dict
     for idx, node in enumerate(g.graph.node):
         if node.name not in wanted:
             continue
+        params = _FLOAT_PARAMS.get(node.op_type, ())
         for i, name in enumerate(node.input):
-            if not name:
+            if not name or i in params:
                 continue
             if name not in half:
                 value = g.constant(name)

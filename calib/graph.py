@@ -196,12 +196,13 @@ def save_atomic(model: onnx.ModelProto, dst: str | os.PathLike) -> Path:
 _NOT_FOLDABLE = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"})
 
 
-def fold_constants(model: onnx.ModelProto, max_elements: int = 1 << 20) -> onnx.ModelProto:
+def fold_constants(model: onnx.ModelProto, max_elements: int = 1 << 20, keep_ops: Iterable[str] = ()) -> onnx.ModelProto:
     """Evaluate nodes whose inputs are all constants and store their results as initializers.
 
     Exporters leave shape arithmetic (e.g. TF "SAME" padding as ConstantOfShape/Concat/Slice/
     Cast chains feeding Pad) as nodes; folding turns those Pad amounts into initializers so
-    later passes can tell a plain zero Pad. Results larger than ``max_elements`` stay nodes.
+    later passes can tell a plain zero Pad. Results larger than ``max_elements`` stay nodes, and
+    so do nodes of ``keep_ops`` (an explicit model's weight DQs must stay DQs).
     """
     from onnx.reference import ReferenceEvaluator
 
@@ -216,11 +217,12 @@ def fold_constants(model: onnx.ModelProto, max_elements: int = 1 << 20) -> onnx.
     kept: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     opset = [helper.make_opsetid(i.domain, i.version) for i in model.opset_import]
+    not_foldable = _NOT_FOLDABLE | set(keep_ops)
     for node in graph.node:
         inputs = [i for i in node.input if i]
         foldable = (
             node.domain in ("", "ai.onnx")
-            and node.op_type not in _NOT_FOLDABLE
+            and node.op_type not in not_foldable
             and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
             and all(i in values for i in inputs)
             and node.output

@@ -16,6 +16,15 @@ Placement (``target="tensorrt"``, the portable graph):
   weighted op, possibly through a BatchNormalization) shares the Q/DQ of that tensor, so
   TensorRT can fuse Conv+Add with an int8 residual.
 * Nothing is put on outputs of weighted ops.
+* Detector-safe rules (general, no node names): a depthwise Conv whose input channels span very
+  different ranges keeps a float input, because its channels never mix and per-tensor
+  activation scales (all TensorRT takes) leave the small channels a few levels or none; the
+  spread is bounded from the producing Conv's weights (sum |w_c| + |b_c| per channel, through
+  elementwise activations), so no data is needed. In YOLOX-Nano this is the depthwise Conv
+  after the stem (largest/10th-percentile channel 81×, the next layer 22×, EfficientNet ≤ 20×).
+  On the CPU variant, a weighted op's output that reaches a model output without another
+  quantized op on the way (a detection head's box/score convs), or that a non-linear float op
+  reads (SiLU), is not requantized.
 * Where the input of a weighted op is reached through data-movement ops that commute with
   quantization (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice, Pad with
   zero padding, Relu, Concat), the pair sits *directly in front of the weighted op*, after
@@ -157,7 +166,7 @@ def build_plan(model: onnx.ModelProto, exclude: Iterable[str] = (), target: str 
         plan.activations.setdefault(tensor, []).append((node, index))
 
     for node in g.graph.node:
-        if node.op_type not in WEIGHTED_OPS or node.name in excluded:
+        if node.op_type not in WEIGHTED_OPS or node.name in excluded or _channels_too_spread(g, node):
             continue
         slots = [i for i in _quantized_inputs(node) if i < len(node.input) and node.input[i]]
         if not all(g.is_constant(node.input[i]) or g.is_activation(node.input[i]) for i in slots):
@@ -202,11 +211,73 @@ def build_plan(model: onnx.ModelProto, exclude: Iterable[str] = (), target: str 
                 chained_outputs.add(chain[0])
         for node in plan.quantized_nodes:
             out = node.output[0]
-            if out in g.graph_outputs or out in chained_outputs:
+            if out in g.graph_outputs or out in chained_outputs or _reaches_output_unquantized(g, out, quantized):
                 continue  # model outputs stay float; chained outputs reuse the chain end's scale
+            if any(c.op_type not in _REQUANTIZABLE_READERS for c in g.consumers.get(out, [])):
+                continue  # e.g. SiLU's Sigmoid·Mul: TensorRT fuses it and never rounds that tensor
             plan.activations.setdefault(out, [])
             plan.rewire_all.add(out)
     return plan
+
+
+#: Readers of a weighted op's output for which the CPU variant requantizes it (ONNX Runtime's
+#: QLinearAdd/QLinearConcat/pooling, integer data movement). Before a non-linear float op the
+#: extra rounding is one TensorRT never does (it fuses Conv+activation), and on YOLOX-Nano's
+#: SiLU layers it halved the F1 of the detections.
+_REQUANTIZABLE_READERS = WEIGHTED_OPS | {"Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape",
+                                         "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity", "Relu",
+                                         "Clip", "Pad"}
+
+#: Largest / 10th-percentile channel range at a depthwise Conv input beyond which it stays float.
+DEPTHWISE_SPREAD_LIMIT = 32.0
+_ELEMENTWISE = frozenset({"Relu", "Clip", "Sigmoid", "Mul", "HardSwish", "HardSigmoid", "LeakyRelu", "PRelu", "Pad",
+                          "Identity", "Tanh", "Softplus"})
+
+
+def _channels_too_spread(g: Graph, node: onnx.NodeProto) -> bool:
+    if node.op_type != "Conv" or not g.is_constant(node.input[1]):
+        return False
+    w = g.constant(node.input[1])
+    if w is None or w.ndim < 3 or w.shape[1] != 1 or node_attr(node, "group", 1) != w.shape[0] or w.shape[0] < 8:
+        return False  # not depthwise
+    cur = node.input[0]
+    for _ in range(8):  # back through the activation (e.g. SiLU = x * Sigmoid(x)) to the producing Conv
+        prod = g.producer.get(cur)
+        if prod is None:
+            return False
+        if prod.op_type == "Conv":
+            break
+        if prod.op_type not in _ELEMENTWISE:
+            return False
+        cur = prod.input[0]
+    else:
+        return False
+    pw = g.constant(prod.input[1]) if g.is_constant(prod.input[1]) else None
+    if pw is None or pw.shape[0] != w.shape[0]:
+        return False
+    bound = np.abs(pw.astype(np.float64)).reshape(pw.shape[0], -1).sum(axis=1)
+    if len(prod.input) > 2 and prod.input[2] and g.is_constant(prod.input[2]):
+        bound = bound + np.abs(g.constant(prod.input[2]).astype(np.float64)).reshape(-1)
+    live = bound[bound > 0]  # a dead channel is exact on any grid
+    return bool(live.size and live.max() / np.percentile(live, 10) > DEPTHWISE_SPREAD_LIMIT)
+
+
+def _reaches_output_unquantized(g: Graph, tensor: str, quantized: set[str]) -> bool:
+    """Whether ``tensor`` flows into a model output with no quantized weighted op on the way."""
+    stack, seen = [tensor], set()
+    reaches = False
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in g.graph_outputs:
+            reaches = True
+        for c in g.consumers.get(t, []):
+            if c.op_type in WEIGHTED_OPS and c.name in quantized:
+                return False
+            stack.extend(o for o in c.output if o)
+    return reaches
 
 
 #: Ops ONNX defines on uint8 that ONNX Runtime runs natively, so a quantized tensor can flow

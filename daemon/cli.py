@@ -34,6 +34,15 @@ def _add_serve(sub) -> None:
                    help="memory all requests' images may hold at once while decoded, queued and preprocessed; "
                         "beyond it requests wait their turn, and one that needs more is refused with "
                         "RESOURCE_EXHAUSTED (default: 512 MiB)")
+    p.add_argument("--grpc-max-concurrent-streams", type=int, default=256, metavar="N",
+                   help="HTTP/2 streams (calls in progress) per client connection; more wait in the client (default: %(default)s)")
+    p.add_argument("--max-inflight-request-mb", type=int, default=512, metavar="MB",
+                   help="inference request bytes parsed, decoded and run at once, daemon-wide; more wait for room "
+                        "until their deadline, then get RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--grpc-restricted-protocol", action="append", default=[], metavar="PROTOCOL[,PROTOCOL...]:KEY=VALUE",
+                   help="as in Triton: answer these protocols (health, metadata, inference, shared-memory, model-config, "
+                        "model-repository, statistics, trace, logging) only for clients sending the header "
+                        "triton-grpc-protocol-KEY: VALUE; repeatable")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let in-flight requests finish on SIGTERM (default: %(default)s)")
     p.add_argument("--engine-cache-dir", type=Path, default=None,
                    help="where built engines are kept, keyed by content (default: <state-dir>/engines)")
@@ -49,6 +58,10 @@ def _add_serve(sub) -> None:
                    help="most regions registered at once (default: %(default)s)")
     s.add_argument("--shared-memory-max-mb", type=float, default=1024,
                    help="largest total size of the registered regions (default: %(default)s)")
+    p.add_argument("--telemetry-period", type=float, default=1.0, metavar="SECONDS",
+                   help="read Jetson/GPU telemetry every SECONDS for /metrics; 0 = off (default: %(default)s)")
+    p.add_argument("--telemetry-root", type=Path, default=Path("/"), metavar="DIR",
+                   help="where the device's /sys, /proc and /etc are mounted, e.g. the host's in a container (default: /)")
     r = p.add_argument_group("rollouts (admin API, signed bundles)")
     r.add_argument("--admin-socket", default=None, metavar="PATH",
                    help="Unix socket of the admin API, owner-only (default: <state-dir>/admin.sock; '' turns it off)")
@@ -90,6 +103,9 @@ def _serve(args) -> int:
         max_message_bytes=args.max_message_bytes,
         max_decode_bytes=args.max_decode_bytes,
         drain_timeout=args.drain_timeout,
+        grpc_max_concurrent_streams=max(1, args.grpc_max_concurrent_streams),
+        max_inflight_request_bytes=max(1, args.max_inflight_request_mb) << 20,
+        restricted_protocols=args.grpc_restricted_protocol,
         engine_cache_dir=args.engine_cache_dir,
         engine_cache_max_bytes=args.engine_cache_max_mb << 20,
         build_jobs=args.build_jobs,
@@ -107,6 +123,8 @@ def _serve(args) -> int:
         allow_shared_memory=args.allow_shared_memory,
         shared_memory_max_regions=args.shared_memory_max_regions,
         shared_memory_max_bytes=int(args.shared_memory_max_mb * (1 << 20)),
+        telemetry_period=args.telemetry_period,
+        telemetry_root=args.telemetry_root,
     )
     return asyncio.run(serve(opts))
 

@@ -7,6 +7,8 @@ batch dimension when ``max_batch > 0`` (as in Triton).
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Literal
@@ -128,6 +130,10 @@ class TensorRTOptions(_Strict):
     # -1 = GPU; 0 or 1 = a DLA core (Orin), with layers DLA cannot run falling back to the GPU when allowed.
     dla_core: int = Field(default=-1, ge=-1, le=1)
     gpu_fallback: bool = True
+    # INT8 / mixed / explicit graphs: type of everything outside Q/DQ (fp16 = trtexec --int8 --fp16).
+    glue: Literal["fp16", "fp32"] = "fp16"
+    # TF32 tensor-core math for the layers that stay FP32 (Ampere/Orin and newer).
+    tf32: bool = True
     # Batch sizes of the optimization profile for the batch dimension (0 = max_batch for opt).
     min_batch: int = Field(default=1, ge=1)
     opt_batch: int = Field(default=0, ge=0)
@@ -150,7 +156,7 @@ class BuildOptions(_Strict):
 class ModelConfig(_Strict):
     name: str | None = None
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    precision: Literal["fp32", "fp16", "int8", "mixed"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8", "mixed", "explicit"] = "fp32"
     max_batch: int = Field(default=0, ge=0, le=4096)
     instances: int = Field(default=1, ge=1, le=64)
     default_model_filename: str = "model.onnx"
@@ -195,8 +201,8 @@ class ModelConfig(_Strict):
             )
         if self.precision == "mixed" and not self.exclude:
             raise ValueError("precision 'mixed' needs exclude: the layers kept out of INT8 (see `tegrad sensitivity`)")
-        if self.exclude and self.precision not in ("mixed", "fp16"):
-            raise ValueError(f"exclude applies to precision 'mixed' (or 'fp16'), not {self.precision!r}")
+        if self.exclude and self.precision not in ("mixed", "fp16", "explicit"):
+            raise ValueError(f"exclude applies to precision 'mixed' (or 'fp16', 'explicit'), not {self.precision!r}")
         if self.tensorrt.opt_batch and self.max_batch and not (self.tensorrt.min_batch <= self.tensorrt.opt_batch <= self.max_batch):
             raise ValueError("tensorrt.opt_batch must lie between tensorrt.min_batch and max_batch")
         too_big = [s for s in self.dynamic_batching.preferred_batch_sizes if s > self.max_batch]
@@ -208,32 +214,63 @@ class ModelConfig(_Strict):
 def format_errors(where: str | Path, exc: ValidationError) -> str:
     """pydantic's errors as '<where>: <key path>: <problem>' sentences (also used for bundle manifests)."""
     lines = []
-    for err in exc.errors():
+    errs = exc.errors()
+    for err in errs[:_MAX_ERRORS]:
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{where}: {key}: {msg}")
+    if len(errs) > _MAX_ERRORS:
+        lines.append(f"and {len(errs) - _MAX_ERRORS} more problems")
     return "; ".join(lines)
 
 
+# A model's config is a few KB; a bigger file is a mistake (or an attack on the parser).
+MAX_CONFIG_BYTES = 1 << 20
+_MAX_ERRORS = 10  # listed in one message
+
+
 def parse_model_config(text: str, path: Path, model_name: str) -> ModelConfig:
+    """``path`` is only for messages (clients see them: relative to the repository)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES} bytes; a model config is a few KB")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # the parser recurses per level of [ or {
+        raise ConfigError(f"{path}: not valid TOML: arrays or inline tables nested too deeply") from None
     try:
         config = ModelConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(path, exc)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply") from None
     if config.name is not None and config.name != model_name:
         raise ConfigError(f"{path}: name: {config.name!r} does not match the directory name {model_name!r}")
     return config.model_copy(update={"name": model_name})
 
 
-def load_model_config(config_dir: Path, name: str | None = None) -> ModelConfig:
+def load_model_config(config_dir: Path, name: str | None = None, *, shown_as: str | None = None) -> ModelConfig:
     """Read ``<config_dir>/config.toml`` of model ``name`` (default: the directory's name);
-    a missing file means all defaults."""
+    a missing file means all defaults. ``shown_as``: the file's name in messages (default: its path).
+    A file that cannot be read raises OSError (the caller knows how to name its place)."""
     path = config_dir / CONFIG_FILENAME
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    return parse_model_config(text, path, name or config_dir.name)
+    shown = Path(shown_as) if shown_as else path
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            raise ConfigError(f"{shown}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        data = b""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{shown}: more than {MAX_CONFIG_BYTES} bytes; a model config is a few KB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{shown}: not valid UTF-8 (byte {exc.start}, line {line}): TOML files are UTF-8 text"
+                          ) from None
+    return parse_model_config(text, shown, name or config_dir.name)

@@ -50,3 +50,7 @@ class Internal(TegradError):
 
 class ConfigError(InvalidArgument):
     """A model configuration file is invalid; the message names file and key."""
+
+
+class NoSpace(ResourceExhausted):
+    """A disk the daemon writes to is full (RESOURCE_EXHAUSTED); the message names which one."""

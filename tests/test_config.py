@@ -51,3 +51,39 @@ def test_version_policies():
 def test_embedded_digits_config_is_valid():
     cfg = load_model_config(Path(__file__).resolve().parents[1] / "daemon" / "models" / "digits")
     assert cfg.max_batch == 64 and cfg.output[0].labels == "labels.txt"
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b'max_batch = 1\nname = "\xff\xfe"\n', "not valid UTF-8 (byte 22, line 2)"),
+        (b"a = " + b"[" * 100_000, "nested too deeply"),
+        (b"a = " + b"{b = " * 100_000, "nested too deeply"),
+        (b"[" * 100_000, "not valid TOML"),
+        (b"max_batch = 1\x00\n", "not valid TOML"),
+        (b"#" * (2 << 20), "more than 1048576 bytes"),
+        (b"\n".join(b"k%d = 1" % i for i in range(500)), "and 490 more problems"),
+    ],
+    ids=["invalid-utf8", "nested-arrays", "nested-tables", "nested-headers", "nul", "huge", "many-errors"],
+)
+def test_hostile_config_files_are_refused_with_the_file_named(tmp_path, content, words):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.toml").write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_model_config(tmp_path / "m", shown_as="m/config.toml")
+    message = str(err.value)
+    assert message.startswith("m/config.toml: ") and words in message, message
+    assert str(tmp_path) not in message
+    assert len(message) < 2000
+
+
+def test_missing_config_file_means_defaults(tmp_path):
+    assert load_model_config(tmp_path, "m").max_batch == 0
+
+
+def test_config_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "config.toml")  # reading a FIFO would block the load forever
+    with pytest.raises(ConfigError, match="m/config.toml: not a regular file"):
+        load_model_config(tmp_path, "m", shown_as="m/config.toml")

@@ -21,6 +21,8 @@ hash is deleted on lookup and rebuilt.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -34,6 +36,7 @@ from typing import Any
 
 from calib.cache import atomic_write_text, sha256_file
 from calib.files import fsync_dir
+from daemon.errors import NoSpace
 from daemon.telemetry import metrics
 
 log = logging.getLogger("tegrad.engines.cache")
@@ -71,6 +74,44 @@ def recipe_key(
 def engine_key(lowered_sha256: str, fingerprint: dict[str, str]) -> str:
     """sha256 of the lowered ONNX + the backend fingerprint: a new device or backend version changes it."""
     return hashlib.sha256(f"{lowered_sha256}|{_canonical(fingerprint)}".encode()).hexdigest()
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def no_space(directory: Path, needed: int) -> NoSpace:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = 0
+    return NoSpace(f"no space left on the engine cache ({_size(free)} free, {_size(needed)} needed): "
+                   "free some space there or point --engine-cache-dir at a larger file system")
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def room_for(directory: Path, needed: int):
+    """Refuse to write about ``needed`` bytes into ``directory`` when they do not fit, and turn a
+    full disk met while writing (an ENOSPC, or a writer's own error such as ONNX Runtime's
+    "Protobuf serialization failed" with the disk found full) into NoSpace."""
+    if shutil.disk_usage(directory).free < needed:
+        raise no_space(directory, needed)
+    try:
+        yield
+    except Exception as exc:
+        if is_no_space(exc) or shutil.disk_usage(directory).free < needed:
+            raise no_space(directory, needed) from None
+        raise
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -21,12 +21,15 @@ import numpy as np
 from calib.cache import sha256_file
 from daemon.config import ModelConfig
 from daemon.engines import specs
-from daemon.engines.cache import EngineCache, engine_key, recipe_key
+from daemon.engines.cache import EngineCache, engine_key, is_no_space, no_space, recipe_key
 from daemon.engines.worker import BuildFailed, BuildJob, BuildPool
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, FailedPrecondition, TegradError
 from daemon.telemetry import metrics
 
 log = logging.getLogger("tegrad.engines")
+
+# What an entry needs besides its artifact (meta.json, recipe, directories): said in a full-disk message.
+_METADATA_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,9 @@ class EngineFactory:
         backend = await asyncio.to_thread(_backend, config)
         source_sha = source_sha or await asyncio.to_thread(sha256_file, model_file)
         calib_sha = await asyncio.to_thread(sha256_file, calib) if calib else None
-        recipe = recipe_key(source_sha, calib_sha, config.precision, config.exclude, config.exclude_precision, backend.target)
+        glue = backend.options.get("glue")  # TensorRT's [tensorrt] glue changes the lowered graph
+        recipe = recipe_key(source_sha, calib_sha, config.precision, config.exclude, config.exclude_precision,
+                            f"{backend.target}:glue={glue}" if glue else backend.target)
         lowered = self.cache.lowered_sha(recipe)
         entry = await asyncio.to_thread(self.cache.lookup, engine_key(lowered, backend.fingerprint)) if lowered else None
         build_seconds = None
@@ -128,6 +133,8 @@ class EngineFactory:
             await asyncio.to_thread(warm_up, engine, config.build.warmup_runs)
         except Exception as exc:
             engine.close()
+            if isinstance(exc, TegradError):  # the progress report could not be recorded (a full disk)
+                raise
             raise ConfigError(f"model {name} version {version}: the engine fails its warm-up run: {exc}") from None
         return Prepared(engine, entry.key, calib_sha[:16] if calib_sha else "", dict(entry.meta.get("layers", {})),
                         build_seconds is None, build_seconds)
@@ -163,6 +170,16 @@ class EngineFactory:
 
     async def _build(self, config: ModelConfig, version: int, model_file: Path, calib: Path | None,
                      backend: _Backend, recipe: str, report: Callable[[str], None]):
+        try:
+            return await self._build_in_scratch(config, version, model_file, calib, backend, recipe, report)
+        except OSError as exc:  # the scratch directory, the entry's metadata, the recipe
+            if is_no_space(exc):
+                raise no_space(self.cache.root, _METADATA_BYTES) from None
+            raise FailedPrecondition(f"the engine cache cannot be written ({exc.strerror or exc}): make "
+                                     "--engine-cache-dir writable for tegrad's user") from None
+
+    async def _build_in_scratch(self, config: ModelConfig, version: int, model_file: Path, calib: Path | None,
+                                backend: _Backend, recipe: str, report: Callable[[str], None]):
         scratch = await asyncio.to_thread(self.cache.scratch)
         job = BuildJob(
             model=config.name, version=version, backend=config.backend, precision=config.precision,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import TegradError
+from daemon.errors import NoSpace, TegradError
 
 log = logging.getLogger("tegrad.engines.worker")
 
@@ -34,6 +34,16 @@ class BuildFailed(TegradError):
     def __init__(self, message: str, result: str = "failed") -> None:
         super().__init__(message)
         self.result = result
+
+
+class BuildNoSpace(BuildFailed, NoSpace):
+    """The engine cache's file system cannot hold the build's outputs (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "no_space")
+
+# Room beyond the estimate of an artifact's size (file system blocks and metadata).
+_SLACK = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,7 @@ def _lower(job: BuildJob, send) -> tuple[Path, str, dict[str, int]]:
     from calib.cache import CacheMismatchError, CalibrationCache, sha256_file
     from calib.graph import load, save_atomic
     from calib.lower import count_precisions, lower
+    from daemon.engines.cache import room_for
 
     try:
         source = load(job.source)
@@ -87,13 +98,23 @@ def _lower(job: BuildJob, send) -> tuple[Path, str, dict[str, int]]:
             raise BuildFailed(f"calibration cache {job.calibration_cache} does not fit {job.source}: {exc}") from None
         amax = cache.amax
     model = lower(source, job.precision, amax=amax, exclude=job.exclude,
-                  exclude_precision=job.exclude_precision, target=job.target)
-    path = save_atomic(model, Path(job.work_dir) / "lowered.onnx")
+                  exclude_precision=job.exclude_precision, target=job.target, glue=job.options.get("glue"))
+    with room_for(Path(job.work_dir), model.ByteSize() + _SLACK):
+        path = save_atomic(model, Path(job.work_dir) / "lowered.onnx")
     return path, sha256_file(path), count_precisions(model)
 
 
 def _build(job: BuildJob, lowered: Path, send) -> tuple[Path, dict[str, Any]]:
+    from daemon.engines.cache import room_for
+
     out = Path(job.work_dir)
+    # An engine is about as large as the graph it was built from (TensorRT plans of FP16/INT8
+    # graphs are smaller): refused before minutes of building rather than after.
+    with room_for(out, lowered.stat().st_size + _SLACK):
+        return _build_artifact(job, lowered, out, send)
+
+
+def _build_artifact(job: BuildJob, lowered: Path, out: Path, send) -> tuple[Path, dict[str, Any]]:
     if job.backend == "tensorrt":
         from daemon.config import TensorRTOptions
         from daemon.engines.tensorrt import builder as trt_builder
@@ -162,7 +183,7 @@ def _worker_main(job: BuildJob, conn, parent: int) -> None:
     except BaseException as exc:  # everything goes back to the parent as a sentence
         message = str(exc) or type(exc).__name__
         try:
-            send("error", stage, message)
+            send("nospace" if isinstance(exc, NoSpace) else "error", stage, message)
         except OSError:
             pass
     finally:
@@ -247,6 +268,8 @@ class BuildPool:
                     lowered = (message[1], message[2])
                 elif kind == "error":
                     raise BuildFailed(f"{what}: {message[1]} failed: {message[2]}")
+                elif kind == "nospace":
+                    raise BuildNoSpace(f"{what}: {message[2]} (while {message[1]})")
                 elif kind == "done":
                     done = message
         except asyncio.CancelledError:

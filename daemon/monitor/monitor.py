@@ -72,6 +72,10 @@ class PrecisionMonitor:
                         if settings.capture_dir else None)
         self._threads = max(1, math.floor(settings.shadow_max_cpu))
         self._failures_logged = 0
+        # Counters exist from the start (at 0), so that rate() and increase() see the first event.
+        for result in ("compared", "dropped", "failed"):
+            metrics.PRECISION_SAMPLES.labels(*self._labels, result)
+        metrics.PRECISION_ROLLBACKS.labels(model)
         self._thread = threading.Thread(target=self._run, name=f"tegrad-monitor-{model}-{version}", daemon=True)
         with _registry_lock:
             _registry[(model, version)] = self

@@ -77,8 +77,9 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self._pending)
 
-    async def infer(self, inputs: dict[str, np.ndarray], deadline_ns: int | None) -> tuple[dict[str, np.ndarray], Timing]:
-        """Queue one request and wait for its outputs (sliced to its own batch)."""
+    def check_admission(self) -> None:
+        """Raise what a new request would meet now (unloading, queue full); called on a
+        request's first bytes too, so a refusal costs no parse or decode."""
         if self._stopping:
             raise Unavailable(f"model {self._label} is being unloaded; retry to reach the new version")
         if len(self._pending) >= self._opt.max_queue_size:
@@ -86,6 +87,10 @@ class Scheduler:
                 f"model {self._label}: queue is full ({self._opt.max_queue_size} requests waiting); retry later "
                 "or raise dynamic_batching.max_queue_size"
             )
+
+    async def infer(self, inputs: dict[str, np.ndarray], deadline_ns: int | None) -> tuple[dict[str, np.ndarray], Timing]:
+        """Queue one request and wait for its outputs (sliced to its own batch)."""
+        self.check_admission()
         if self._opt.max_batch > 0:
             first = next(iter(inputs.values()))
             batch_size = int(first.shape[0]) if first.ndim else 1

@@ -19,7 +19,7 @@ from pathlib import Path
 from calib.cache import sha256_file
 from daemon.config import CONFIG_FILENAME, ModelConfig, load_model_config
 from daemon.engines.factory import EngineFactory, Prepared, calibration_path
-from daemon.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, TegradError
+from daemon.errors import ConfigError, FailedPrecondition, InvalidArgument, NoSpace, NotFound, TegradError
 from daemon.monitor.engine import attach as attach_monitor
 from daemon.pipeline.processed import ProcessedEngine
 from daemon.pipeline.scheduler import Scheduler, SchedulerOptions
@@ -82,6 +82,7 @@ class ModelEntry:
     name: str
     serving: dict[int, LoadedVersion] = field(default_factory=dict)
     states: dict[int, tuple[str, str]] = field(default_factory=dict)
+    error: str = ""  # why the last load failed before reaching any version (the index shows it)
 
 
 def _fingerprint(config_dir: Path, model_file: Path, config: ModelConfig) -> tuple[str, str]:
@@ -129,15 +130,19 @@ class ModelManager:
 
     async def startup(self, load: list[str]) -> None:
         if self.control_mode == "none" or "*" in load:
-            names = layout.model_names(self.root)
+            try:
+                names = layout.model_names(self.root)
+            except TegradError as exc:  # the daemon still comes up: its index and loads say what is wrong
+                log.error("cannot list the models at startup: %s", exc)
+                names = []
         else:
             names = sorted(set(load) | set(self.store.loaded_models()))
         for name in names:
-            if not self.store.rollout_model(name)[0] and self.store.rollout_versions(name) \
-                    and not (self.root / name / CONFIG_FILENAME).exists():
-                log.info("model %s: only staged versions, none activated yet; not serving it", name)
-                continue
             try:
+                if not self.store.rollout_model(name)[0] and self.store.rollout_versions(name) \
+                        and not os.path.exists(self.root / name / CONFIG_FILENAME):
+                    log.info("model %s: only staged versions, none activated yet; not serving it", name)
+                    continue
                 await self.load(name)
             except TegradError as exc:
                 log.error("model %s failed to load at startup: %s", name, exc)
@@ -151,10 +156,19 @@ class ModelManager:
 
     # -- state ---------------------------------------------------------------------------------
 
-    def _set_state(self, name: str, version: int, state: str, reason: str = "", engine_id: str = "") -> None:
+    def _set_state(self, name: str, version: int, state: str, reason: str = "", engine_id: str = "", *,
+                   must_persist: bool = True) -> None:
+        """Record a version's state, in SQLite first: a state that cannot be recorded (disk full)
+        raises (NoSpace) before anything claims it. ``must_persist=False``: for the states a failure
+        or an unload ends in, which are kept in memory whatever the disk says."""
+        try:
+            self.store.set_version_state(name, version, state, reason, engine_id)
+        except TegradError as exc:  # NoSpace, a read-only state database
+            if must_persist:
+                raise
+            log.warning("model %s version %d: %s not recorded: %s", name, version, state, exc)
         entry = self._models.setdefault(name, ModelEntry(name))
         entry.states[version] = (state, reason)
-        self.store.set_version_state(name, version, state, reason, engine_id)
         metrics.set_model_state(name, str(version), state)
         log.info("model %s version %d: %s%s", name, version, state, f" ({reason})" if reason else "")
 
@@ -197,50 +211,62 @@ class ModelManager:
         async with self._lock(name):
             mdir = layout.model_dir(self.root, name)
             self._wanted.add(name)
-            model_config = await asyncio.to_thread(load_model_config, mdir)
-            wanted = [pin] if pin else self._select(name, mdir, model_config)
+            entry = self._models.setdefault(name, ModelEntry(name))
+            try:
+                model_config = await asyncio.to_thread(self._config, mdir, name)
+                wanted = [pin] if pin else self._select(name, mdir, model_config)
+                available = [] if wanted else await asyncio.to_thread(
+                    layout.versions_on_disk, mdir, layout.model_filenames(model_config))
+            except (OSError, TegradError) as exc:
+                err = layout.file_error(self.root, exc) if isinstance(exc, OSError) else exc
+                entry.error = layout.scrub(self.root, str(err))
+                raise err from None
+            entry.error = ""
             if not wanted:
-                available = await asyncio.to_thread(layout.versions_on_disk, mdir, layout.model_filenames(model_config))
-                raise InvalidArgument(
-                    f"model {name}: no version directory under {mdir} holds {' or '.join(layout.model_filenames(model_config))} "
+                entry.error = (
+                    f"model {name}: no version directory under {name}/ holds "
+                    f"{' or '.join(layout.model_filenames(model_config))} "
                     f"and matches the version policy (found versions {available or 'none'}"
                     f"{'; staged versions wait for activation' if self.store.rollout_versions(name) else ''})"
                 )
-            entry = self._models.setdefault(name, ModelEntry(name))
+                raise InvalidArgument(entry.error)
             serving: dict[int, LoadedVersion] = {}
             built: list[LoadedVersion] = []
-            failures: list[str] = []
+            failures: list[tuple[TegradError, str]] = []
+
+            def failed(version: int, exc: TegradError | OSError) -> None:
+                err = layout.file_error(self.root, exc) if isinstance(exc, OSError) else exc
+                reason = layout.scrub(self.root, str(err))
+                failures.append((err, f"version {version}: {reason}"))
+                if version in entry.serving:
+                    serving[version] = entry.serving[version]  # keep serving what worked
+                    log.error("model %s version %d: reload failed, keeping the loaded one: %s", name, version, err)
+                else:
+                    self._set_state(name, version, "UNAVAILABLE", reason, must_persist=False)
+
             for version in wanted:
                 cdir = layout.config_dir(mdir, version)
                 try:
-                    config = model_config if cdir == mdir else await asyncio.to_thread(load_model_config, cdir, name)
+                    config = model_config if cdir == mdir else await asyncio.to_thread(self._config, cdir, name)
                     model_file = layout.model_file(mdir / str(version), config)
                     if not model_file.is_file():
-                        raise NotFound(f"model {name} has no version {version} ({model_file} does not exist)")
+                        raise NotFound(f"model {name} has no version {version} "
+                                       f"({layout.relative(self.root, model_file)} does not exist)")
                     fingerprint, model_sha = await asyncio.to_thread(_fingerprint, cdir, model_file, config)
-                except TegradError as exc:
-                    failures.append(f"version {version}: {exc}")
-                    if version in entry.serving:
-                        serving[version] = entry.serving[version]
-                    else:
-                        self._set_state(name, version, "UNAVAILABLE", str(exc))
+                except (TegradError, OSError) as exc:
+                    failed(version, exc)
                     continue
                 old = entry.serving.get(version)
                 if old is not None and old.fingerprint == fingerprint:
                     serving[version] = old
                     continue
-                if old is None:
-                    self._set_state(name, version, "LOADING")
                 try:
+                    if old is None:
+                        self._set_state(name, version, "LOADING")
                     prepared = await self.factory.prepare(config, cdir, version, model_file,
                                                           self._report(name, version, old is not None), model_sha)
-                except TegradError as exc:
-                    failures.append(f"version {version}: {exc}")
-                    if old is not None:
-                        serving[version] = old  # keep serving what worked
-                        log.error("model %s version %d: reload failed, keeping the loaded one: %s", name, version, exc)
-                    else:
-                        self._set_state(name, version, "UNAVAILABLE", str(exc))
+                except (TegradError, OSError) as exc:
+                    failed(version, exc)
                     continue
                 stats = VersionStats(name, str(version))
                 options = SchedulerOptions(
@@ -257,17 +283,27 @@ class ModelManager:
                         engine = ProcessedEngine(engine, config, cdir, self._decode_pool)
                     except TegradError as exc:
                         engine.close()
-                        failures.append(f"version {version}: {exc}")
-                        if old is not None:
-                            serving[version] = old
-                        else:
-                            self._set_state(name, version, "UNAVAILABLE", str(exc))
+                        failed(version, exc)
                         continue
                 scheduler = Scheduler(engine, options, stats, f"{name}/{version}")
                 lv = LoadedVersion(name, version, config, engine, scheduler, stats, fingerprint, prepared)
                 lv.idle.set()
                 serving[version] = lv
                 built.append(lv)
+            try:
+                # Recorded before the switch: a version serves only once a restart would know of it.
+                for lv in built:
+                    self._set_state(name, lv.version, "READY", "", lv.engine.engine_id)
+                if serving:
+                    self.store.set_loaded(name, True)
+            except TegradError as exc:  # the state cannot be recorded
+                for lv in built:
+                    del serving[lv.version]
+                    await lv.retire(self.drain_timeout)  # never served: nothing to wait for
+                    failed(lv.version, exc)
+                if not built:
+                    failures.append((exc, str(exc)))
+                built = []
             retired = [lv for v, lv in entry.serving.items() if serving.get(v) is not lv]
             if failures:
                 # A version that failed to build never costs the ones serving now.
@@ -276,20 +312,25 @@ class ModelManager:
                 retired = [lv for lv in retired if serving[lv.version] is not lv]
             entry.serving = serving  # the atomic switch
             for lv in built:
-                self._set_state(name, lv.version, "READY", "", lv.engine.engine_id)
                 metrics.set_model_info(name, str(lv.version), lv.engine.backend, lv.engine.precision, lv.engine.engine_id,
                                        lv.prepared.calibration_cache_id, lv.prepared.layers)
             for lv in retired:
                 self._start_retire(lv, gone=lv.version not in serving)
-            if serving:
-                self.store.set_loaded(name, True)
             if built:
                 # Versions kept for rollback keep their engines: a rollback must not rebuild.
                 keep = {lv.prepared.key for lv in self.loaded()}
                 keep |= {v.engine_key for v in self.store.rollout_versions() if v.engine_key and v.state != FAILED}
                 await asyncio.to_thread(self.factory.cache.evict, keep)
             if failures:
-                raise InvalidArgument(f"model {name} failed to load: " + "; ".join(failures))
+                # The status says what would fix it: free disk space, file permissions, or the files.
+                kinds = [e for e, _ in failures]
+                cls = NoSpace if any(isinstance(e, NoSpace) for e in kinds) else \
+                    FailedPrecondition if any(isinstance(e, FailedPrecondition) for e in kinds) else InvalidArgument
+                raise cls(f"model {name} failed to load: " + "; ".join(m for _, m in failures))
+
+    def _config(self, config_dir: Path, name: str) -> ModelConfig:
+        return load_model_config(config_dir, name,
+                                 shown_as=layout.relative(self.root, config_dir / CONFIG_FILENAME))
 
     def _monitored(self, engine, config: ModelConfig, name: str, version: int, model_file: Path, cdir: Path):
         """The engine with a precision monitor when its config asks for one; a monitor that cannot
@@ -325,10 +366,10 @@ class ModelManager:
     def _start_retire(self, lv: LoadedVersion, *, gone: bool) -> asyncio.Task:
         async def run() -> None:
             if gone:
-                self._set_state(lv.name, lv.version, "UNLOADING")
+                self._set_state(lv.name, lv.version, "UNLOADING", must_persist=False)
             await lv.retire(self.drain_timeout)
             if gone:
-                self._set_state(lv.name, lv.version, "UNAVAILABLE", "unloaded")
+                self._set_state(lv.name, lv.version, "UNAVAILABLE", "unloaded", must_persist=False)
                 metrics.forget_model_version(lv.name, str(lv.version))
 
         task = asyncio.ensure_future(run())
@@ -452,13 +493,13 @@ class ModelManager:
         names = set(self._models)
         try:
             names |= set(layout.model_names(self.root))
-        except NotFound:
-            pass
+        except TegradError as exc:  # the models known in memory are still listed, with their states
+            log.warning("repository index: %s", exc)
         for name in sorted(names):
             entry = self._models.get(name)
             if entry is None or not entry.states:
                 if not ready_only:
-                    rows.append((name, "", "UNAVAILABLE", "not loaded"))
+                    rows.append((name, "", "UNAVAILABLE", (entry.error if entry else "") or "not loaded"))
                 continue
             for version, (state, reason) in sorted(entry.states.items()):
                 if ready_only and state != "READY":

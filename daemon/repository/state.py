@@ -11,8 +11,10 @@ moment leaves the previously committed active version in charge
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -20,7 +22,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from daemon.errors import FailedPrecondition, NoSpace
+
 events = logging.getLogger("tegrad.events")
+log = logging.getLogger("tegrad.state")
+
+_SQLITE_FULL = 13
+_SQLITE_READONLY = 8
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -138,35 +147,161 @@ def _unjson(text: str) -> Any:
     return json.loads(text) if text else None
 
 
+def _code(exc: BaseException) -> int | None:
+    """SQLite's primary result code (Python >= 3.11 carries the extended one; 3.10 none: the messages decide)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return _code(exc) == _SQLITE_FULL or "database or disk is full" in str(exc)
+
+
+class _Damaged(sqlite3.DatabaseError):
+    """The file opens but does not hold a sound database."""
+
+
+def _damaged(exc: sqlite3.Error) -> bool:
+    """Damage, not a passing condition (a lock, a full disk) that must never cost the state."""
+    if isinstance(exc, _Damaged) or _code(exc) in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return True
+    text = str(exc)
+    return "file is not a database" in text or "malformed" in text
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    """Open and check the database; raises sqlite3.DatabaseError when the file is not a sound one."""
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        # quick_check reads every page (the file is small) without the index cross-checks.
+        problems = [r[0] for r in db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise _Damaged("; ".join(problems[:3]))
+        db.executescript(_SCHEMA)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+@dataclass(frozen=True)
+class LostState:
+    """What :class:`StateStore` found at open when its database was unreadable."""
+
+    why: str           # sqlite's complaint
+    moved_to: Path     # where the bad file went
+    restored: float    # mtime of the backup the state was restored from; 0: none, started empty
+
+
 class StateStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.backup_path = path.with_name(path.name + ".backup")
+        self.lost: LostState | None = None
         # Writes are rare and tiny (state changes); one connection used from the event loop.
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if path.is_file() and path.stat().st_size == 0 and self.backup_path.is_file():
+                    raise _Damaged("the file is empty (truncated)")
+                self._db = _open(path)
+            except sqlite3.DatabaseError as exc:
+                if not _damaged(exc):
+                    raise
+                self.lost = self._replace_damaged(str(exc))
+                self._db = _open(path)
+        except (sqlite3.Error, OSError) as exc:  # locked by another tegrad, unreadable, no space: said, not traced
+            err = self._storage_error(exc)
+            if err is exc:
+                err = FailedPrecondition(f"cannot open the state database {path}: {exc}"
+                                         f"{' (is another tegrad using this state directory?)' if 'locked' in str(exc) else ''}")
+            raise err from None
+
+    def _replace_damaged(self, why: str) -> LostState:
+        """Move the damaged database (and its -wal/-shm) aside; restore the backup copy if it is sound.
+
+        A daemon that exits here restarts into the same file forever under systemd's
+        Restart=on-failure; one that starts on a rebuilt state serves.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        moved = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(moved) + suffix))
+        restored = 0.0
+        if self.backup_path.is_file():
+            try:
+                backup = _open(self.backup_path)
+            except sqlite3.DatabaseError as exc:
+                log.warning("state backup %s is unreadable too (%s)", self.backup_path, exc)
+            else:
+                try:
+                    fresh = sqlite3.connect(str(self.path))
+                    backup.backup(fresh)
+                    fresh.close()
+                    restored = self.backup_path.stat().st_mtime
+                finally:
+                    backup.close()
+        return LostState(why, moved, restored)
+
+    def _save_backup(self) -> None:
+        """Copy the database to ``<name>.backup`` (whole, then renamed): what a damaged file falls back to."""
+        tmp = self.backup_path.with_name(self.backup_path.name + ".tmp")
+        try:
+            with contextlib.closing(sqlite3.connect(str(tmp))) as dst:
+                self._db.backup(dst)
+            os.replace(tmp, self.backup_path)
+        except (sqlite3.Error, OSError) as exc:  # the state itself is committed; only its spare copy is stale
+            log.warning("state backup %s not refreshed: %s", self.backup_path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _storage_error(self, exc: BaseException) -> BaseException:
+        if _no_space(exc):
+            return NoSpace(f"no space left on the state database ({self.path.name} in tegrad's state directory): "
+                           "free some space on that file system and retry")
+        if _code(exc) == _SQLITE_READONLY or "readonly database" in str(exc):
+            return FailedPrecondition(f"the state database ({self.path.name} in tegrad's state directory) cannot be "
+                                      "written (read-only file or file system): make it writable for tegrad's user")
+        return exc
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, backup: bool = False) -> Iterator[None]:
         # The connection is in autocommit mode (isolation_level=None), where `with connection:`
         # starts no transaction; BEGIN IMMEDIATE makes several statements commit together or not at all.
         if self._db.in_transaction:  # nested: part of the enclosing transaction
             yield
             return
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                # Also when COMMIT itself failed (disk full): a transaction left open would swallow
+                # every later write as "nested" and never commit it.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            err = self._storage_error(exc)
+            if err is exc:
+                raise
+            raise err from None
+        if backup:
+            self._save_backup()
 
     def close(self) -> None:
         self._db.close()
 
     def set_loaded(self, name: str, loaded: bool) -> None:
-        with self._transaction():
+        with self._transaction(backup=True):
             self._db.execute(
                 "INSERT INTO models(name, loaded, updated) VALUES (?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET loaded=excluded.loaded, updated=excluded.updated",
@@ -225,7 +360,7 @@ class StateStore:
 
     def set_rollout_state(self, model: str, version: int, state: str, reason: str = "", **changes: Any) -> RolloutVersion:
         """One transition of a version already recorded (or a new record), in one transaction."""
-        with self._transaction():
+        with self._transaction(backup=True):
             old = self.rollout_version(model, version)
             new = replace(old or RolloutVersion(model, version, state), state=state, reason=reason, **changes)
             self._put_version(new)
@@ -236,7 +371,7 @@ class StateStore:
     def commit_activation(self, model: str, version: int, previous: int) -> None:
         """``version`` becomes ACTIVE, the one it replaces INACTIVE, and Rollback points at ``previous``."""
         now = time.time()
-        with self._transaction():
+        with self._transaction(backup=True):
             replaced = [v for v in self.rollout_versions(model) if v.state == ACTIVE and v.version != version]
             old = self.rollout_version(model, version)
             self._db.execute("UPDATE rollout_versions SET state=?, reason='', updated=? "
@@ -254,7 +389,7 @@ class StateStore:
         event("active_version", model=model, version=version, previous=previous)
 
     def delete_rollout_version(self, model: str, version: int) -> None:
-        with self._transaction():
+        with self._transaction(backup=True):
             self._db.execute("DELETE FROM rollout_versions WHERE model=? AND version=?", (model, version))
             self._db.execute("UPDATE rollout_models SET previous=0 WHERE model=? AND previous=?", (model, version))
 
@@ -297,7 +432,7 @@ class StateStore:
         """
         why = "interrupted by a restart of tegrad"
         now = time.time()
-        with self._transaction():
+        with self._transaction(backup=True):
             versions = self.rollout_versions()
             staging = [v for v in versions if v.state == STAGING]
             activating = [v for v in versions if v.state == ACTIVATING]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from calib.files import fsync_dir
 from daemon import crashpoints
+from daemon.engines.cache import is_no_space
 from daemon.engines.factory import EngineFactory
 from daemon.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, TegradError
 from daemon.repository import layout
@@ -38,6 +39,7 @@ from daemon.repository.state import (
     StateStore,
 )
 from daemon.rollout import BundleError
+from daemon.rollout.manifest import MANIFEST
 from daemon.rollout.operations import ACTIVATING as OP_ACTIVATING
 from daemon.rollout.operations import BUILDING, SUCCEEDED, VALIDATING, VERIFYING, OperationBoard
 from daemon.rollout.operations import FAILED as OP_FAILED
@@ -80,6 +82,8 @@ class Rollouts:
 
     def recover(self) -> None:
         """Before models load: fail interrupted work and remove its partial files."""
+        if self.store.lost is not None:
+            self._rebuild_lost_state()
         done = self.store.recover()
         self.board.reload()
         for v in done.staging:
@@ -95,6 +99,40 @@ class Rollouts:
         for model in self.store.rollout_models():
             metrics.set_active_version(model, self.store.rollout_model(model)[0])
 
+    def _rebuild_lost_state(self) -> None:
+        """The state database was damaged and replaced (by its backup copy, or empty): record the
+        bundle-installed versions the repository holds that the state does not know. They were
+        validated (only those reach the repository) but whether one was active is not known, so
+        they are held back as STAGED rather than served on a guess."""
+        lost = self.store.lost
+        found = []
+        try:
+            names = layout.model_names(self.root)
+        except TegradError:  # missing or unreadable: the models' loads will say so
+            names = []
+        for model in names:
+            known = {v.version for v in self.store.rollout_versions(model)}
+            try:
+                on_disk = layout.versions_on_disk(self.root / model, MANIFEST)
+            except OSError:
+                continue
+            for version in sorted(set(on_disk) - known):
+                self.store.set_rollout_state(model, version, STAGED,
+                                             "recorded again from the repository after the state database was lost; "
+                                             "activate it to serve it")
+                found.append(f"{model} version {version}")
+        if lost.restored:
+            kept = "restored the copy saved at " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lost.restored)) \
+                   + "; operations and state changes after it are lost"
+        else:
+            kept = "no sound copy to restore: the rollout history, validation reports, operations and which " \
+                   "versions were active are lost"
+        active = ", ".join(f"{m} version {self.store.rollout_model(m)[0]}" for m in self.store.rollout_models()
+                           if self.store.rollout_model(m)[0])
+        log.error("state database %s was unreadable (%s) and was moved aside to %s; %s; active versions now: %s; "
+                  "bundle versions recorded again as STAGED: %s", self.store.path, lost.why, lost.moved_to.name, kept,
+                  active or "none (the version policy chooses)", ", ".join(found) or "none")
+
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
@@ -104,7 +142,7 @@ class Rollouts:
 
     def _writable(self) -> None:
         if self.options.read_only:
-            raise FailedPrecondition(f"tegrad serves its embedded default repository ({self.root}), which rollouts "
+            raise FailedPrecondition("tegrad serves its embedded default repository, which rollouts "
                                      "do not change; start it with --model-repository DIR to install bundles")
 
     def stage(self, upload_sha: str, auto_activate: bool | None = None, *, source: str = "upload") -> OperationRecord:
@@ -121,12 +159,13 @@ class Rollouts:
     async def _run(self, op_id: str, path: Path, auto: bool) -> None:
         seconds: dict[str, float] = {}
         work = layout.staging_root(self.root) / op_id
+        # The staging files go before the outcome is reported: whoever watches the operation
+        # finish finds the repository as it will stay.
         try:
             try:
                 async with self._staging:
                     version = await self._stage(op_id, path, work, seconds)
             finally:
-                # Before the outcome is published: whoever sees the operation done finds no staging files.
                 await asyncio.to_thread(shutil.rmtree, work, True)
             if auto:
                 self.board.update(op_id, state=OP_ACTIVATING, progress="activating")
@@ -134,10 +173,15 @@ class Rollouts:
             self.board.update(op_id, state=SUCCEEDED, progress="", stage_seconds=dict(seconds))
             self.uploads.discard(self.board.get(op_id).upload_sha256)
         except asyncio.CancelledError:
+            shutil.rmtree(work, ignore_errors=True)  # the awaited removal may itself have been cancelled
             self._fail(op_id, "tegrad stopped before staging finished", seconds)
             raise
         except TegradError as exc:
             self._fail(op_id, str(exc), seconds)
+        except OSError as exc:  # extracting or installing into the repository
+            where = f" ({layout.relative(self.root, exc.filename)})" if exc.filename else ""
+            why = "no space left on the model repository's file system" if is_no_space(exc) else exc.strerror or exc
+            self._fail(op_id, f"staging stopped: {why}{where}", seconds)
         except Exception as exc:  # a bug must fail the operation, not leave it running forever
             log.exception("operation %s failed unexpectedly", op_id)
             self._fail(op_id, f"internal error: {type(exc).__name__}: {exc}", seconds)
@@ -194,11 +238,12 @@ class Rollouts:
         # A FAILED version never has files of its own: whatever is there belongs to someone else.
         if os.path.lexists(self.root / model / str(version)):
             raise AlreadyExists(f"model {model} version {version} already exists in the repository "
-                                f"({self.root / model / str(version)}); a new bundle needs a new version number")
+                                f"({model}/{version}); a new bundle needs a new version number")
         if (self.root / model).exists() and not (self.root / model).is_dir():
-            raise FailedPrecondition(f"{self.root / model} is not a directory")
+            raise FailedPrecondition(f"{model} in the model repository is not a directory")
 
     def _fail(self, op_id: str, error: str, seconds: dict[str, float]) -> None:
+        error = layout.scrub(self.root, error)  # operators read it through the admin API
         op = self.board.update(op_id, state=OP_FAILED, error=error, progress="", stage_seconds=dict(seconds))
         current = self.store.rollout_version(op.model, op.version) if op.model else None
         if current is not None and current.state == STAGING:  # refused before or during the build

@@ -141,7 +141,7 @@ class Manifest(_Strict):
 def parse_manifest(data: bytes) -> Manifest:
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: [[[[…
         raise BundleError(f"{MANIFEST} is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise BundleError(f"{MANIFEST}: 'format' is not {FORMAT!r}; this is not a tegrad bundle")

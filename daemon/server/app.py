@@ -19,21 +19,24 @@ from daemon import __version__
 from daemon.engines.cache import EngineCache
 from daemon.engines.factory import EngineFactory
 from daemon.engines.worker import BuildPool
+from daemon.errors import TegradError
 from daemon.processing.budget import set_daemon_budget
 from daemon.protogen import admin_pb2_grpc
 from daemon.protogen import grpc_service_pb2 as pb
-from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
 from daemon.repository.manager import ModelManager
 from daemon.repository.state import StateStore
 from daemon.rollout.controller import RolloutOptions, Rollouts
 from daemon.rollout.dropbox import DropBox
 from daemon.rollout.operations import OperationBoard
 from daemon.rollout.uploads import Uploads
-from daemon.server import tls
+from daemon.server import binding, restricted, tls
 from daemon.server.admin_service import AdminService
+from daemon.server.admission import RequestBytesBudget
 from daemon.server.inference_service import InferenceService
 from daemon.server.lifecycle import Lifecycle, sd_notify, watchdog_interval
 from daemon.server.shared_memory import Limits, SharedMemoryRegistry
+from daemon.telemetry import metrics
+from daemon.telemetry.collector import start_device_telemetry
 
 log = logging.getLogger("tegrad")
 
@@ -75,6 +78,13 @@ class ServeOptions:
     allow_shared_memory: bool = False
     shared_memory_max_regions: int = 64
     shared_memory_max_bytes: int = 1 << 30
+    telemetry_period: float = 1.0  # seconds between device telemetry reads; 0 = off
+    telemetry_root: Path = Path("/")  # where the device's /sys, /proc and /etc are (a container's host mount)
+    # Limits a device needs (Triton has none): HTTP/2 streams per connection, and the bytes
+    # of inference requests parsed, decoded and run at once, daemon-wide.
+    grpc_max_concurrent_streams: int = 256
+    max_inflight_request_bytes: int = 512 << 20
+    restricted_protocols: list[str] = field(default_factory=list)  # Triton's --grpc-restricted-protocol
 
 
 class Health(HealthServicer):
@@ -98,6 +108,7 @@ class Health(HealthServicer):
             for name in ("", INFERENCE_SERVICE):
                 await self.set(name, status)
             self._last = serving
+            metrics.READY.set(1 if serving else 0)
 
     async def track(self) -> None:
         # Model loads and unloads change readiness at any time; polling catches them.
@@ -143,7 +154,11 @@ async def serve(opts: ServeOptions) -> int:
     repository = opts.repository or EMBEDDED_REPOSITORY
     if opts.max_decode_bytes is not None:
         set_daemon_budget(opts.max_decode_bytes)
-    store = StateStore(opts.state_dir / "state.sqlite3")
+    try:
+        store = StateStore(opts.state_dir / "state.sqlite3")
+    except TegradError as exc:  # a clear line, not a traceback (systemd restarts it after a pause)
+        log.error("%s", exc)
+        return 1
     cache = EngineCache(opts.engine_cache_dir or opts.state_dir / "engines", opts.engine_cache_max_bytes)
     factory = EngineFactory(cache, BuildPool(opts.build_jobs))
     models = ModelManager(repository, store, factory, control_mode=opts.model_control, drain_timeout=opts.drain_timeout)
@@ -163,16 +178,24 @@ async def serve(opts: ServeOptions) -> int:
         log.error("%s", exc)
         return 1
 
+    try:
+        restrictions = restricted.rules(opts.restricted_protocols)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 1
     server = grpc.aio.server(
+        interceptors=[restricted.RestrictedProtocols(restrictions)] if restrictions else None,
         options=[
             ("grpc.max_receive_message_length", opts.max_message_bytes),
             ("grpc.max_send_message_length", -1),
+            ("grpc.max_concurrent_streams", opts.grpc_max_concurrent_streams),
             ("grpc.so_reuseport", 0),
         ]
     )
     shared_memory = SharedMemoryRegistry(opts.allow_shared_memory, Limits(opts.shared_memory_max_regions,
                                                                           opts.shared_memory_max_bytes))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(models, lifecycle, shared_memory), server)
+    inference = InferenceService(models, lifecycle, RequestBytesBudget(opts.max_inflight_request_bytes), shared_memory)
+    server.add_generic_rpc_handlers((binding.inference_handler(inference, inference.unparsable),))
     health = Health(lifecycle)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -187,6 +210,7 @@ async def serve(opts: ServeOptions) -> int:
 
     metrics_server, metrics_thread = start_http_server(opts.metrics_port, addr=opts.host)
     metrics_port = metrics_server.server_port
+    device_telemetry = start_device_telemetry(opts.telemetry_period, opts.telemetry_root)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -198,6 +222,9 @@ async def serve(opts: ServeOptions) -> int:
         log.info("admin API on %s", ", ".join(admin[1]))
     log.info("tegrad %s live: grpc=%s:%d metrics=%s:%d repository=%s", __version__, opts.host, grpc_port,
              opts.host, metrics_port, repository)
+    if opts.host in ("0.0.0.0", "::", "") and not restrictions:
+        log.warning("gRPC listens on all interfaces with no --grpc-restricted-protocol: anyone who reaches port %d "
+                    "can use every RPC; use --host 127.0.0.1 when only apps on this device call tegrad", grpc_port)
     background = [asyncio.ensure_future(health.track())]
     if opts.dropbox is not None:
         background.append(asyncio.ensure_future(DropBox(opts.dropbox, rollouts).run()))
@@ -238,6 +265,8 @@ async def serve(opts: ServeOptions) -> int:
     shared_memory.close()
     for task in background:
         task.cancel()
+    if device_telemetry is not None:
+        device_telemetry.stop()
     metrics_server.shutdown()
     metrics_thread.join(timeout=5)
     store.close()

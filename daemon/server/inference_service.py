@@ -14,12 +14,18 @@ from daemon.errors import InvalidArgument, NotFound, TegradError, Unavailable, U
 from daemon.pipeline.processed import ProcessedEngine
 from daemon.protogen import grpc_service_pb2 as pb
 from daemon.protogen import grpc_service_pb2_grpc as pb_grpc
+from daemon.repository import names
 from daemon.repository.manager import LoadedVersion, ModelManager
-from daemon.server import tensors, triton_config
-from daemon.server.errors import abort, outcome_of, status_of
+from daemon.server import tensors, triton_config, wire
+from daemon.server.admission import RequestBytesBudget
+from daemon.server.errors import abort, outcome_of, release_frames, status_of
+from daemon.server.ratelimit import RateLimitedLog, source_of
 from daemon.server.shared_memory import NO_REGIONS, SharedMemoryRegistry
+from daemon.telemetry import metrics
 
 log = logging.getLogger("tegrad.server")
+
+_ECHOED_ID_BYTES = 4096  # of an unreadable stream request's id, echoed with its error
 
 # What tegrad supports of Triton's protocol extensions, and nothing more.
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "parameters"]
@@ -59,12 +65,30 @@ def _batch_size(lv: LoadedVersion, inputs: dict) -> None:
         raise InvalidArgument(f"model {lv.name}: batch size {size} is outside 1..{lv.config.max_batch} (max_batch)")
 
 
+_REFUSED_BEFORE_PARSE = {
+    ("admission", grpc.StatusCode.RESOURCE_EXHAUSTED): "queue_full",
+    ("admission", grpc.StatusCode.UNAVAILABLE): "unloading",
+    ("budget", grpc.StatusCode.RESOURCE_EXHAUSTED): "inflight_bytes",
+}
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelManager, lifecycle, shared_memory: SharedMemoryRegistry | None = None) -> None:
+    """ModelInfer and ModelStreamInfer take the serialized request (see ``binding``);
+    the other methods take parsed messages."""
+
+    def __init__(self, models: ModelManager, lifecycle, inflight_bytes: RequestBytesBudget | None = None,
+                 shared_memory: SharedMemoryRegistry | None = None) -> None:
         self.models = models
         self.lifecycle = lifecycle
+        self.inflight_bytes = inflight_bytes or RequestBytesBudget(1 << 30)
+        self.client_errors = RateLimitedLog(log)
         self.shared_memory = shared_memory or SharedMemoryRegistry(enabled=False)
         self.extensions = EXTENSIONS + (["system_shared_memory"] if self.shared_memory.enabled else [])
+
+    def unparsable(self, context, exc: InvalidArgument) -> None:
+        """A request that is not a protobuf message: one WARNING per client host and minute."""
+        peer = context.peer() if context is not None else None
+        self.client_errors.warning(source_of(peer), "refused a request from %s: %s", peer or "?", exc)
 
     # -- health and metadata --------------------------------------------------------------------
 
@@ -144,7 +168,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def _check_repository(self, name: str) -> None:
         if name and name not in (self.models.root.name, str(self.models.root)):
-            raise NotFound(f"repository {name!r} is unknown; this server serves {self.models.root}")
+            raise NotFound(f"repository {name!r} is unknown; this server serves the repository {self.models.root.name!r}")
 
     # -- inference --------------------------------------------------------------------------------
 
@@ -153,6 +177,50 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise Unavailable("tegrad is shutting down and accepts no new requests; retry on another instance")
         with self.lifecycle.working():
             return await self._infer_admitted(request, context)
+
+    async def _infer_bytes(self, data: bytes, context, unary: bool) -> pb.ModelInferResponse:
+        """Admission on the raw bytes (model name, queue), then the full parse within the
+        daemon's byte budget, then inference. Refusals before the parse cost microseconds.
+        A unary call's deadline applies to its request; a stream's does not to each message."""
+        timeout_s = context.time_remaining() if unary else None
+        start = time.perf_counter_ns()
+        lv: LoadedVersion | None = None
+        stage = "admission"
+        try:
+            if self.lifecycle.draining:
+                raise Unavailable("tegrad is shutting down and accepts no new requests; retry on another instance")
+            head = wire.peek(data)
+            if head is not None:
+                try:
+                    version = bytes(head.model_version[:names.MAX_BYTES]).decode("utf-8", "replace")
+                    lv = self.models.resolve(names.check(head.model_name), version)
+                except TegradError:
+                    pass  # the full parse comes first: unparsable bytes are told so, not "unknown model"
+                if lv is not None:
+                    lv.scheduler.check_admission()
+            stage = "budget"
+            async with self.inflight_bytes.hold(len(data), timeout_s):
+                stage = "parse"
+                try:
+                    request = wire.parse(pb.ModelInferRequest, data)
+                except InvalidArgument as exc:
+                    self.unparsable(context, exc)
+                    raise
+                lv = None  # the parsed names decide now, not what the scan read
+                lv = self.models.resolve(names.check(request.model_name), request.model_version)
+                stage = "run"  # from here _infer_admitted counts the outcome
+                return await self._infer(request, context if unary else None)
+        except Exception as exc:
+            if stage != "run":
+                code, _ = status_of(exc)
+                if lv is None:
+                    metrics.count_unattributed_request(outcome_of(code))
+                else:
+                    lv.stats.request_failed(outcome_of(code), time.perf_counter_ns() - start)
+                    reason = _REFUSED_BEFORE_PARSE.get((stage, code))
+                    if reason:
+                        metrics.ADMISSION_REJECTIONS.labels(lv.name, str(lv.version), reason).inc()
+            raise
 
     async def _infer_admitted(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         start = time.perf_counter_ns()
@@ -193,29 +261,36 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             lv.stats.inflight.dec()
             lv.release()
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, data: bytes, context):
         try:
-            return await self._infer(request, context)
+            return await self._infer_bytes(data, context, unary=True)
         except Exception as exc:
+            del data  # this frame outlives the call in grpc's reference to the exception (see release_frames)
             await abort(context, exc)
 
     async def ModelStreamInfer(self, request_iterator, context):
         # Requests in one stream run concurrently; responses carry the request id so
-        # clients match them, as with Triton.
+        # clients match them, as with Triton. A request that fails, even one that is
+        # not a message at all, is answered with error_message and the stream goes on.
         results: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
 
-        async def one(request):
+        async def one(data: bytes):
             try:
-                results.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(request, None)))
+                results.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer_bytes(data, context, unary=False)))
             except Exception as exc:
                 _, message = status_of(exc)
-                results.put_nowait(pb.ModelStreamInferResponse(
-                    error_message=message, infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name)))
+                release_frames(exc)
+                echo = pb.ModelInferResponse()
+                head = wire.peek(data)
+                if head is not None:  # what the client can match the error with, if it is readable
+                    echo.id = bytes(head.id[:_ECHOED_ID_BYTES]).decode("utf-8", "replace")
+                    echo.model_name = bytes(head.model_name[:names.MAX_BYTES]).decode("utf-8", "replace")
+                results.put_nowait(pb.ModelStreamInferResponse(error_message=message, infer_response=echo))
 
         async def reader():
-            async for request in request_iterator:
-                task = asyncio.ensure_future(one(request))
+            async for data in request_iterator:
+                task = asyncio.ensure_future(one(data))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             while pending:

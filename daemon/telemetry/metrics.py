@@ -7,7 +7,11 @@ version, and small fixed sets (stage, outcome, state).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # The *_created series double the exposition size and no dashboard uses them.
 disable_created_metrics()
@@ -25,6 +29,14 @@ REQUESTS = Counter(
     "tegrad_requests",
     "Inference requests by model, version and outcome.",
     ["model", "version", "outcome"],
+)
+# Refused before the request was parsed, from its model name and the daemon's limits.
+ADMISSION_REASONS = ("queue_full", "unloading", "inflight_bytes")
+ADMISSION_REJECTIONS = Counter(
+    "tegrad_admission_rejections",
+    "Inference requests refused from their first bytes, before the full parse: by model, version and reason "
+    "(queue_full, unloading, inflight_bytes). Also counted in tegrad_requests_total.",
+    ["model", "version", "reason"],
 )
 REQUEST_DURATION = Histogram(
     "tegrad_request_duration_seconds",
@@ -47,6 +59,11 @@ INFLIGHT = Gauge(
     "tegrad_inflight_requests",
     "Requests accepted and not yet answered (queued or executing).",
     ["model", "version"],
+)
+READY = Gauge(
+    "tegrad_ready",
+    "1 while the server is ready (gRPC health SERVING): started, not draining, every model it serves has a "
+    "READY version.",
 )
 MODEL_STATE = Gauge(
     "tegrad_model_state",
@@ -76,7 +93,7 @@ ENGINE_BUILD_DURATION = Histogram(
 )
 ENGINE_BUILDS = Counter(
     "tegrad_engine_builds",
-    "Engine builds by backend, precision and result (success, failed, timeout, killed, cancelled).",
+    "Engine builds by backend, precision and result (success, failed, timeout, killed, cancelled, no_space).",
     ["backend", "precision", "result"],
 )
 ENGINE_CACHE_LOOKUPS = Counter(
@@ -144,6 +161,119 @@ IMAGES_CORRUPT = Counter(
     "rows came back grey), by model.",
     ["model"],
 )
+
+
+
+# Device telemetry: Jetson (sysfs/procfs, daemon/telemetry/jetson.py) and discrete GPUs (NVML,
+# daemon/telemetry/nvml.py). Their label sets change with the hardware (zones, rails, cores), so the
+# collector thread publishes whole snapshots of readings and DEVICE renders the latest at scrape time.
+@dataclass(frozen=True)
+class DeviceMetric:
+    name: str
+    help: str
+    labels: tuple[str, ...] = ()
+    counter: bool = False  # exposed with the _total suffix
+
+
+JETSON_INFO = DeviceMetric(
+    "tegrad_jetson_info", "Always 1; labels name the board (device-tree model, module, SoC) and its software "
+    "(L4T release, JetPack, CUDA, TensorRT; empty where unknown).",
+    # "board", not "model": model is the served model's label on every other tegrad series.
+    ("board", "module", "soc", "l4t", "jetpack", "cuda", "tensorrt"))
+JETSON_GPU_LOAD = DeviceMetric("tegrad_jetson_gpu_load_ratio", "GPU busy fraction (0-1) from the devfreq device's load.", ("gpu",))
+JETSON_GPU_FREQ = DeviceMetric("tegrad_jetson_gpu_frequency_hertz", "GPU clock now.", ("gpu",))
+JETSON_GPU_FREQ_MIN = DeviceMetric("tegrad_jetson_gpu_frequency_min_hertz", "Lowest GPU clock the governor may pick.", ("gpu",))
+JETSON_GPU_FREQ_MAX = DeviceMetric(
+    "tegrad_jetson_gpu_frequency_max_hertz", "Highest GPU clock the governor may pick (lowered by nvpmodel and thermal caps).", ("gpu",))
+JETSON_EMC_FREQ = DeviceMetric("tegrad_jetson_emc_frequency_hertz", "External memory controller clock now (debugfs; needs root).")
+JETSON_EMC_FREQ_MAX = DeviceMetric(
+    "tegrad_jetson_emc_frequency_max_hertz", "Highest EMC clock allowed, with the nvpmodel EMC cap applied (debugfs; needs root).")
+JETSON_EMC_LOAD = DeviceMetric(
+    "tegrad_jetson_emc_load_ratio", "Memory controller activity relative to its clock (0-1, jtop's scale; needs root).")
+JETSON_CPU_ONLINE = DeviceMetric("tegrad_jetson_cpu_online", "1 when the CPU core is online, 0 when it is off.", ("cpu",))
+JETSON_CPU_FREQ = DeviceMetric("tegrad_jetson_cpu_frequency_hertz", "CPU core clock now (online cores only).", ("cpu",))
+JETSON_CPU_FREQ_MIN = DeviceMetric("tegrad_jetson_cpu_frequency_min_hertz", "Lowest clock cpufreq may pick for the core.", ("cpu",))
+JETSON_CPU_FREQ_MAX = DeviceMetric("tegrad_jetson_cpu_frequency_max_hertz", "Highest clock cpufreq may pick for the core.", ("cpu",))
+JETSON_MEM_TOTAL = DeviceMetric("tegrad_jetson_memory_total_bytes", "RAM shared by CPU and GPU.")
+JETSON_MEM_USED = DeviceMetric(
+    "tegrad_jetson_memory_used_bytes", "RAM used (total - free - buffers - cached, as jtop counts it).")
+JETSON_MEM_AVAILABLE = DeviceMetric(
+    "tegrad_jetson_memory_available_bytes", "RAM the kernel estimates is available without swapping (MemAvailable).")
+JETSON_SWAP_TOTAL = DeviceMetric("tegrad_jetson_swap_total_bytes", "Swap space (zram and files).")
+JETSON_SWAP_USED = DeviceMetric("tegrad_jetson_swap_used_bytes", "Swap space in use.")
+JETSON_NVMAP_USED = DeviceMetric(
+    "tegrad_jetson_nvmap_used_bytes", "RAM held by GPU/engine buffers through nvmap (NvMapMemUsed; not on every release).")
+JETSON_TEMPERATURE = DeviceMetric(
+    "tegrad_jetson_temperature_celsius", "Thermal zone temperature; zones that read -256 (powered off) or fail are absent.", ("zone",))
+JETSON_TRIP = DeviceMetric(
+    "tegrad_jetson_thermal_trip_celsius", "Thermal zone trip points: passive = clocks throttle, critical/hot = shutdown.",
+    ("zone", "trip", "type"))
+JETSON_COOLING_STATE = DeviceMetric(
+    "tegrad_jetson_cooling_state", "Current state of a cooling device (fan step or throttle level; 0 = idle).", ("device", "type"))
+JETSON_COOLING_MAX_STATE = DeviceMetric("tegrad_jetson_cooling_max_state", "Highest state of a cooling device.", ("device", "type"))
+JETSON_OVERCURRENT = DeviceMetric(
+    "tegrad_jetson_overcurrent_events", "Over-current throttling events since boot (soctherm_oc: oc1 under-voltage, "
+    "oc2 average current, oc3 instantaneous current).", ("event",), counter=True)
+JETSON_RAIL_VOLTAGE = DeviceMetric("tegrad_jetson_rail_voltage_volts", "INA3221 power rail bus voltage.", ("rail",))
+JETSON_RAIL_CURRENT = DeviceMetric("tegrad_jetson_rail_current_amperes", "INA3221 power rail current.", ("rail",))
+JETSON_RAIL_POWER = DeviceMetric("tegrad_jetson_rail_power_watts", "INA3221 power rail power (voltage x current).", ("rail",))
+JETSON_POWER = DeviceMetric(
+    "tegrad_jetson_power_watts", "Module input power: VDD_IN where the module measures it (Orin Nano/NX), "
+    "else the sum of the measured rails (AGX Orin).")
+JETSON_FAN_PWM = DeviceMetric("tegrad_jetson_fan_pwm_ratio", "Fan PWM duty (0-1).", ("fan",))
+JETSON_FAN_RPM = DeviceMetric("tegrad_jetson_fan_rpm", "Fan speed from the tachometer, revolutions per minute.", ("fan",))
+JETSON_NVPMODEL = DeviceMetric("tegrad_jetson_nvpmodel_mode", "Always 1; labels carry the active nvpmodel power mode.", ("id", "name"))
+JETSON_CLOCKS = DeviceMetric(
+    "tegrad_jetson_clocks_enabled", "1 when jetson_clocks pins the clocks (every online CPU and the GPU at min = max).")
+
+GPU_INFO = DeviceMetric("tegrad_gpu_info", "Always 1 per discrete GPU seen through NVML; labels name it.", ("gpu", "name", "driver"))
+GPU_LOAD = DeviceMetric("tegrad_gpu_load_ratio", "GPU busy fraction (0-1) over NVML's last sample period.", ("gpu",))
+GPU_FREQ = DeviceMetric("tegrad_gpu_frequency_hertz", "Graphics clock now.", ("gpu",))
+GPU_FREQ_MAX = DeviceMetric("tegrad_gpu_frequency_max_hertz", "Highest graphics clock of the GPU.", ("gpu",))
+GPU_MEM_USED = DeviceMetric("tegrad_gpu_memory_used_bytes", "GPU memory in use.", ("gpu",))
+GPU_MEM_TOTAL = DeviceMetric("tegrad_gpu_memory_total_bytes", "GPU memory installed.", ("gpu",))
+GPU_TEMPERATURE = DeviceMetric("tegrad_gpu_temperature_celsius", "GPU die temperature.", ("gpu",))
+GPU_POWER = DeviceMetric("tegrad_gpu_power_watts", "GPU board power draw.", ("gpu",))
+
+DEVICE_METRICS = tuple(v for v in list(globals().values()) if isinstance(v, DeviceMetric))
+
+Reading = tuple[DeviceMetric, tuple[str, ...], float]
+
+
+class DeviceSnapshot:
+    """The collector thread's latest readings, rendered at scrape time (a scrape never reads sysfs)."""
+
+    def __init__(self) -> None:
+        self._readings: tuple[Reading, ...] = ()
+
+    def publish(self, readings: Iterable[Reading]) -> None:
+        self._readings = tuple(readings)  # one reference swap: a scrape sees one whole snapshot
+
+    def clear(self) -> None:
+        self._readings = ()
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        families: dict[DeviceMetric, GaugeMetricFamily | CounterMetricFamily] = {}
+        for metric, labels, value in self._readings:
+            family = families.get(metric)
+            if family is None:
+                kind = CounterMetricFamily if metric.counter else GaugeMetricFamily
+                family = families[metric] = kind(metric.name, metric.help, labels=metric.labels)
+            family.add_metric(labels, value)
+        return list(families.values())
+
+
+DEVICE = DeviceSnapshot()
+REGISTRY.register(DEVICE)
+
+
+def count_unattributed_request(outcome: str) -> None:
+    """A request refused before it named a loaded model (unparsable, bad or unknown name):
+    model and version stay "", so clients cannot add label values at will."""
+    REQUESTS.labels("", "", outcome).inc()
 
 
 def set_validation_scores(model: str, version: str, scores: dict[str, float]) -> None:

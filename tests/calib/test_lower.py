@@ -104,9 +104,9 @@ def test_errors_name_the_problem():
         L.lower(model, "int8")
     with pytest.raises(ValueError, match="precision"):
         L.lower(model, "int4", amax=amax)
-    lowered = L.lower(model, "int8", amax=amax)
-    with pytest.raises(ValueError, match="already quantized"):
-        L.lower(lowered, "int8", amax=amax)
+    lowered = L.lower(model, "int8", amax=amax, glue="fp32")
+    # issue 12: a graph that already carries Q/DQ is served as it is (precision "explicit")
+    assert L.count_precisions(L.lower(lowered, "int8", amax=amax)) == L.count_precisions(lowered)
     # excluding the only reader of r2 makes its amax unnecessary
     L.lower(model, "mixed", amax={k: v for k, v in amax.items() if k != "r2"}, exclude=["conv3"])
 

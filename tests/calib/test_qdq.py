@@ -277,3 +277,45 @@ def test_full_range_int8_product_is_exact_on_both_targets():
         # the CPU target requantizes y on its own amax (64/127 per step): at most half a step off
         tol = 1e-4 if target == "tensorrt" else 64 / 127 / 2 + 1e-4
         assert np.abs(got - exact).max() <= tol, target
+
+
+def _silu_dw(spread: float) -> onnx.ModelProto:
+    """x → Conv (channel gains 1 … spread) → SiLU → depthwise Conv → SiLU → Conv → Sigmoid → y (a head)."""
+    rng = np.random.default_rng(12)
+    w0 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * np.geomspace(1.0, spread, 16, dtype=np.float32)[:, None, None, None]
+    inits = [numpy_helper.from_array(w0, "w0"), G._w("wd", [16, 1, 3, 3], rng), G._w("w2", [4, 16, 1, 1], rng)]
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w0"], ["c0"], name="stem", pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Sigmoid", ["c0"], ["s0"], name="sig0"),
+        onnx.helper.make_node("Mul", ["c0", "s0"], ["a0"], name="silu0"),
+        onnx.helper.make_node("Conv", ["a0", "wd"], ["c1"], name="dw", group=16, pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Sigmoid", ["c1"], ["s1"], name="sig1"),
+        onnx.helper.make_node("Mul", ["c1", "s1"], ["a1"], name="silu1"),
+        onnx.helper.make_node("Conv", ["a1", "w2"], ["c2"], name="head"),
+        onnx.helper.make_node("Sigmoid", ["c2"], ["y"], name="score"),
+    ]
+    return G._model(nodes, [G._x("x", ["N", 3, 8, 8])], [G._x("y", ["N", 4, 8, 8])], inits)
+
+
+def test_depthwise_conv_with_far_apart_channel_ranges_keeps_a_float_input():
+    wide, even = _silu_dw(spread=200.0), _silu_dw(spread=2.0)
+    assert "a0" not in qdq.activation_tensors_to_quantize(wide, target="tensorrt")
+    assert "a0" in qdq.activation_tensors_to_quantize(even, target="tensorrt")
+    x = np.random.default_rng(13).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    out, _ = _lower(wide, x)
+    g = Graph(out)
+    assert _dq_feeding(g, "dw", 0) is None and _dq_feeding(g, "dw", 1) is None
+    assert _dq_feeding(g, "stem", 0) is not None and _dq_feeding(g, "head", 0) is not None
+
+
+def test_cpu_variant_does_not_round_what_tensorrt_keeps_in_high_precision():
+    model = _silu_dw(spread=2.0)
+    x = np.random.default_rng(14).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    amax = G.observe_amax(model, x, qdq.activation_tensors_to_quantize(model))
+    u8 = qdq.insert_qdq(_silu_dw(spread=2.0), amax, target="cpu")
+    g = Graph(u8)
+    quantized = {n.input[0] for n in u8.graph.node if n.op_type == "QuantizeLinear"}
+    # conv outputs read by SiLU, and the head conv whose output reaches the model output, stay float
+    assert not quantized & {"c0", "c1", "c2"}
+    assert {"x", "a0", "a1"} <= quantized
+    assert g.producer["y"].op_type == "Sigmoid"

@@ -172,3 +172,47 @@ def test_only_the_latest_finished_operations_are_kept(store, monkeypatch):
     assert [op.id for op in store.operations()] == ids[2:] + [running.id]
     with pytest.raises(NotFound):
         board.get(ids[0])
+
+
+def _rollouts(root, store):
+    from pathlib import Path
+
+    from daemon.rollout.controller import RolloutOptions, Rollouts
+
+    # recover() touches neither the model manager nor the engine factory.
+    return Rollouts(Path(root), store, None, None, Uploads(Path(root) / ".uploads", 1 << 20), OperationBoard(store),
+                    RolloutOptions(trust_dir=None))
+
+
+@pytest.mark.parametrize("backup", [True, False], ids=["with-backup", "without-backup"])
+def test_lost_state_is_rebuilt_from_the_backup_and_the_repository(tmp_path, caplog, backup):
+    repo, db = tmp_path / "repo", tmp_path / "state" / "state.sqlite3"
+    for version in (1, 2, 3):  # 1 placed by hand, 2 and 3 installed from bundles (they carry a manifest)
+        (repo / "m" / str(version)).mkdir(parents=True)
+        if version > 1:
+            (repo / "m" / str(version) / "manifest.json").write_text("{}")
+    store = StateStore(db)
+    store.set_rollout_state("m", 2, STAGED)
+    store.set_rollout_state("m", 2, ACTIVATING)
+    store.commit_activation("m", 2, 0)
+    store.close()
+    if not backup:
+        os.unlink(str(db) + ".backup")
+    db.write_bytes(os.urandom(4096))
+
+    again = StateStore(db)
+    with caplog.at_level("ERROR", logger="tegrad.rollout"):
+        _rollouts(repo, again).recover()
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(lines) == 1, lines
+    states = {v.version: v.state for v in again.rollout_versions("m")}
+    if backup:
+        assert again.rollout_model("m")[0] == 2
+        assert states == {2: ACTIVE, 3: STAGED}  # 3 came after the backup: held back, not served on a guess
+        assert "restored the copy saved at" in lines[0] and "active versions now: m version 2" in lines[0]
+    else:
+        assert again.rollout_model("m") == (0, 0)
+        assert states == {2: STAGED, 3: STAGED}
+        assert "which versions were active are lost" in lines[0]
+    assert "m version 3" in lines[0].split("recorded again as STAGED:")[1]
+    again.close()
