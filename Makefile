@@ -1,11 +1,14 @@
 # The two commands a newcomer needs:
-#   make serve   create .venv, install tegrad, serve the embedded default model (gRPC :8001, metrics :8002)
+#   make serve   create .venv, install tegrad, serve the embedded default model (gRPC :8001, metrics :8002;
+#                state in .state/ of this checkout)
 #   make test    create .venv, install tegrad with test extras, lint, check Python 3.10 compatibility, run all tests
 #   make jetson  the same install on a Jetson (found by itself via /etc/nv_tegra_release): see README "Jetson"
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SERVE_ARGS ?=
+# A state dir of this checkout's own: another clone's engines and rollout state are never picked up.
+SERVE_STATE_DIR ?= $(CURDIR)/.state
 # On a Jetson the venv sees JetPack's apt packages (python3-libnvinfer: TensorRT's bindings are not on
 # PyPI for L4T) and pycuda is built against the local CUDA, whose nvcc is not on a default PATH.
 JETSON ?= $(if $(wildcard /etc/nv_tegra_release),1,)
@@ -36,7 +39,7 @@ jetson:
 	@echo "next: $(BIN)/tegrad selftest   (TensorRT, CUDA and JetPack versions, then every backend x precision)"
 
 serve: $(VENV)/.installed
-	$(BIN)/tegrad serve $(SERVE_ARGS)
+	$(BIN)/tegrad serve --state-dir $(SERVE_STATE_DIR) $(SERVE_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check daemon calib tests bench

@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selftest(sub)
     _add_inspect(sub)
     _add_import_triton(sub)
+    from daemon import perf
+
+    perf.register(sub)
     from daemon.rollout import cli as rollout_cli
 
     rollout_cli.register(sub)
@@ -268,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from daemon import cli_files
+
+    refused = cli_files.check(args)
+    if refused is not None:
+        return refused
     return int(args.func(args) or 0)
 
 

@@ -41,7 +41,10 @@ def _inputs(args, meta: pb.ModelMetadataResponse, optional: set[str]) -> dict[st
             name, sep, path = item.partition("=")
             if not sep:
                 raise SystemExit(f"--input takes NAME=FILE.npy, got {item!r}")
-            arrays[name] = np.load(path, allow_pickle=False)
+            try:
+                arrays[name] = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"tegrad infer: error: --input {path}: not a readable .npy file ({exc})") from None
         return arrays
     rng = np.random.default_rng(0)
     arrays = {}

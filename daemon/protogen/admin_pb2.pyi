@@ -61,6 +61,26 @@ class GetUploadRequest(_message.Message):
     sha256: str
     def __init__(self, sha256: _Optional[str] = ...) -> None: ...
 
+class CheckBundleRequest(_message.Message):
+    __slots__ = ("model", "version", "total_size", "sha256")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    total_size: int
+    sha256: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class CheckBundleResponse(_message.Message):
+    __slots__ = ("received", "max_bundle_bytes")
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    MAX_BUNDLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    received: int
+    max_bundle_bytes: int
+    def __init__(self, received: _Optional[int] = ..., max_bundle_bytes: _Optional[int] = ...) -> None: ...
+
 class UploadStatus(_message.Message):
     __slots__ = ("sha256", "total_size", "received", "complete")
     SHA256_FIELD_NUMBER: _ClassVar[int]

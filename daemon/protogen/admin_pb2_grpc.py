@@ -44,6 +44,11 @@ class AdminStub:
                 request_serializer=tegrad_dot_v1_dot_admin__pb2.GetUploadRequest.SerializeToString,
                 response_deserializer=tegrad_dot_v1_dot_admin__pb2.UploadStatus.FromString,
                 _registered_method=True)
+        self.CheckBundle = channel.unary_unary(
+                '/tegrad.v1.Admin/CheckBundle',
+                request_serializer=tegrad_dot_v1_dot_admin__pb2.CheckBundleRequest.SerializeToString,
+                response_deserializer=tegrad_dot_v1_dot_admin__pb2.CheckBundleResponse.FromString,
+                _registered_method=True)
         self.Stage = channel.unary_unary(
                 '/tegrad.v1.Admin/Stage',
                 request_serializer=tegrad_dot_v1_dot_admin__pb2.StageRequest.SerializeToString,
@@ -101,6 +106,17 @@ class AdminServicer:
 
     def GetUpload(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckBundle(self, request, context):
+        """Asks, before any byte is sent, whether this device would take the bundle:
+        FAILED_PRECONDITION when it installs nothing (the embedded read-only
+        repository), ALREADY_EXISTS when the model version is already there,
+        RESOURCE_EXHAUSTED when the bundle is larger than the device accepts. The
+        manifest's claims are unverified here; staging checks everything again.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -175,6 +191,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetUpload,
                     request_deserializer=tegrad_dot_v1_dot_admin__pb2.GetUploadRequest.FromString,
                     response_serializer=tegrad_dot_v1_dot_admin__pb2.UploadStatus.SerializeToString,
+            ),
+            'CheckBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckBundle,
+                    request_deserializer=tegrad_dot_v1_dot_admin__pb2.CheckBundleRequest.FromString,
+                    response_serializer=tegrad_dot_v1_dot_admin__pb2.CheckBundleResponse.SerializeToString,
             ),
             'Stage': grpc.unary_unary_rpc_method_handler(
                     servicer.Stage,
@@ -271,6 +292,33 @@ class Admin:
             '/tegrad.v1.Admin/GetUpload',
             tegrad_dot_v1_dot_admin__pb2.GetUploadRequest.SerializeToString,
             tegrad_dot_v1_dot_admin__pb2.UploadStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tegrad.v1.Admin/CheckBundle',
+            tegrad_dot_v1_dot_admin__pb2.CheckBundleRequest.SerializeToString,
+            tegrad_dot_v1_dot_admin__pb2.CheckBundleResponse.FromString,
             options,
             channel_credentials,
             insecure,

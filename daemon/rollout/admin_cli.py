@@ -16,9 +16,10 @@ from daemon.rollout.cli import command, positive_int
 
 
 def _client(args: argparse.Namespace):
-    from daemon.rollout.admin_client import AdminClient
+    from daemon.rollout.admin_client import AdminClient, default_address
 
-    return AdminClient(args.admin, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    address = args.admin or default_address(args.state_dir)
+    return AdminClient(address, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def _op_line(op: Any) -> str:
@@ -30,10 +31,17 @@ def _op_line(op: Any) -> str:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from calib.cache import sha256_file
     from daemon.rollout.admin_client import state_name
+    from daemon.rollout.bundle import read_manifest
 
     path = Path(args.bundle)
+    # Unverified claims, enough to ask the device first: a refusal then costs no upload.
+    manifest = read_manifest(path).manifest
     with _client(args) as c:
+        check = c.check_bundle(manifest.model, manifest.version, path.stat().st_size, sha256_file(path))
+        if check is not None and check.received:
+            print(f"the device holds {check.received} bytes of {path.name} already; resuming", file=sys.stderr)
         start = time.monotonic()
         last = [0.0]
 
@@ -135,6 +143,9 @@ def cmd_operations(args: argparse.Namespace) -> int:
 def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin", default=None, metavar="ADDRESS",
                    help="admin API: unix:PATH or HOST:PORT (default: unix:<state dir>/admin.sock)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="the daemon's --state-dir: its admin socket is <state dir>/admin.sock (default: "
+                        "$TEGRAD_STATE_DIR, else $XDG_STATE_HOME/tegrad, i.e. ~/.local/state/tegrad)")
     p.add_argument("--tls-ca", type=Path, help="for HOST:PORT: CA certificate that signed the device's certificate")
     p.add_argument("--tls-cert", type=Path, help="client certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
@@ -174,7 +185,7 @@ def register(sub: Any) -> None:
     d.add_argument("model_version", type=positive_int, metavar="version")
     _connection(d)
     d.set_defaults(func=command(cmd_delete, "rollout delete"))
-    o = rs.add_parser("operations", help="staging operations; --watch follows them")
+    o = rs.add_parser("operations", help="staging, activate and rollback operations; --watch follows them")
     o.add_argument("--model")
     o.add_argument("--watch", nargs="?", const="", default=None, metavar="ID",
                    help="stream changes (of one operation, until it is done)")

@@ -26,8 +26,9 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
               grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL)
 
 
-def default_address() -> str:
-    return f"unix:{default_state_dir() / 'admin.sock'}"
+def default_address(state_dir: Path | None = None) -> str:
+    """The admin socket of the daemon whose ``--state-dir`` is ``state_dir`` (default: the same default)."""
+    return f"unix:{(state_dir or default_state_dir()) / 'admin.sock'}"
 
 
 class AdminClient:
@@ -88,6 +89,16 @@ class AdminClient:
                             failures, retries)
                 time.sleep(min(2.0 ** failures, 30.0))
                 self.wait_ready(60)
+
+    def check_bundle(self, model: str, version: int, total: int, sha: str) -> pb.CheckBundleResponse | None:
+        """The device's pre-flight answer for a bundle; None from a tegrad too old to have it."""
+        try:
+            return self.stub.CheckBundle(pb.CheckBundleRequest(model=model, version=version, total_size=total,
+                                                               sha256=sha), timeout=30)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            raise
 
     def wait_ready(self, timeout: float) -> None:
         try:

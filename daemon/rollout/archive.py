@@ -268,13 +268,14 @@ def member_info(data: bytes) -> MemberInfo:
     return MemberInfo(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
-def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+def npz_bytes(arrays: Mapping[str, np.ndarray], compressed: bool = False) -> bytes:
     """An .npz that depends only on the arrays (``np.savez`` stamps the current time into the zip)."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as zf:
         for key, arr in arrays.items():
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
+            info.compress_type = zf.compression  # a ZipInfo made by hand would be stored whatever the file's default
             with zf.open(info, "w") as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()

@@ -320,10 +320,21 @@ def graph_io(proto: Any) -> tuple[list[str], list[str]]:
     return [i.name for i in proto.graph.input if i.name not in inits], [o.name for o in proto.graph.output]
 
 
+# Golden samples are deflated (since 0.1): their expanded size is bounded before anything is inflated.
+MAX_GOLDEN_BYTES = 512 << 20
+
+
 def _check_golden(data: bytes, manifest: Manifest, proto: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            expanded = sum(i.file_size for i in zf.infolist())
+        if expanded > MAX_GOLDEN_BYTES:
+            raise BundleError(f"{GOLDEN} expands to {expanded} bytes, more than the {MAX_GOLDEN_BYTES >> 20} MiB "
+                              "allowed for golden samples; keep fewer samples (--golden-count)")
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except BundleError:
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise BundleError(f"{GOLDEN} is not a readable .npz file ({exc})") from None
     inputs = {k[len("input:"):]: v for k, v in arrays.items() if k.startswith("input:")}

@@ -33,16 +33,23 @@ def cmd_create(args: argparse.Namespace) -> int:
     from daemon.rollout import bundle, make
 
     overrides = {k: getattr(args, k) for k in _THRESHOLDS if getattr(args, k) is not None}
+    if args.model_version is not None:
+        logging.getLogger("tegrad.bundle").warning(
+            "--model-version is deprecated: it picks the source folder <model>/%d and ships it as version %d. "
+            "Give the source as a path (%s/%d) and the shipped version with --version %d.",
+            args.model_version, args.model_version, args.model.rstrip("/"), args.model_version, args.model_version)
     manifest = make.create(
         args.model,
         args.out,
         name=args.name,
-        version=args.model_version,
+        version=args.version or args.model_version,
+        source_version=args.model_version,
         config_text=Path(args.config).read_text(encoding="utf-8") if args.config else None,
         calibration_cache=args.calibration_cache,
         labels=args.labels,
         golden_inputs=args.golden_inputs,
         golden_count=args.golden_count,
+        golden_scale=args.golden_scale,
         validation=bundle.validation_for(args.task, **overrides),
         calibrate_data=args.calibrate_data,
         calibrate_algorithm=args.calibrate_algorithm,
@@ -133,6 +140,7 @@ def format_summary(info: Any) -> str:
     else:
         sig = "none (unsigned)"
     width = max(len(n) for n in m.members)
+    total = sum(mi.size for mi in m.members.values()) or 1
     lines = [
         f"bundle      {info.path} ({info.size} bytes)",
         f"model       {m.model} version {m.version}",
@@ -140,14 +148,26 @@ def format_summary(info: Any) -> str:
         f"created     {m.created}, needs tegrad >= {m.min_tegrad_version}",
         f"signature   {sig}",
         f"calibration {m.calibration_cache or 'none'}",
-        "members",
-        *(f"  {n:<{width}}  {mi.size:>12}  sha256 {mi.sha256[:16]}…" for n, mi in m.members.items()),
+        f"members     (size in the bundle; {GOLDEN_NOTE})",
+        *(f"  {n:<{width}}  {human_size(mi.size):>9}  {100 * mi.size / total:5.1f} %  sha256 {mi.sha256[:16]}…"
+          for n, mi in m.members.items()),
         f"golden      {m.golden.count} samples; inputs {', '.join(m.golden.inputs)}; "
         f"outputs {', '.join(m.golden.outputs)}",
         f"validation  {m.validation.task}: " + ", ".join(
             f"{k} {getattr(m.validation, k)}" for k in _THRESHOLDS if getattr(m.validation, k) is not None),
     ]
     return "\n".join(lines)
+
+
+GOLDEN_NOTE = "golden.npz is deflated"
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def command(func: Callable[[argparse.Namespace], int], name: str) -> Callable[[argparse.Namespace], int]:
@@ -195,19 +215,26 @@ def register(subparsers: Any) -> None:
     k.set_defaults(func=command(cmd_keygen, "bundle keygen"))
 
     c = sub.add_parser("create", help="make a bundle: hashes, golden FP32 outputs, optional calibration",
-                       description="MODEL is a model directory (config.toml and <version>/model.onnx) or a .onnx "
+                       description="MODEL is a model directory (config.toml and model.onnx or <version>/model.onnx; "
+                                   "the newest version is taken), a version directory (repo/digits/2) or a .onnx "
                                    "file (then give --config and --name).")
-    c.add_argument("model", help="model directory or .onnx file")
+    c.add_argument("model", help="model directory, version directory or .onnx file")
     c.add_argument("-o", "--out", required=True, help="bundle file to write")
     c.add_argument("--name", help="model name (default: the model directory's name)")
-    c.add_argument("--model-version", type=positive_int, help="version number (default: the newest <version> "
-                                                               "directory, else 1)")
+    c.add_argument("--version", type=positive_int, dest="version",
+                   help="the version the bundle installs as on the device (default: the source version "
+                        "directory's number, else 1)")
+    c.add_argument("--model-version", type=positive_int, help=argparse.SUPPRESS)  # deprecated: source and version
     c.add_argument("--config", help="config.toml (default: the one in the model directory)")
     c.add_argument("--calibration-cache", help="calibration cache, tegrad JSON or TensorRT text "
                                                "(default: what config.toml names)")
     c.add_argument("--labels", help="labels file (default: what config.toml names)")
-    c.add_argument("--golden-inputs", required=True, metavar="NPZ|NPY",
-                   help="model inputs, already preprocessed: .npz keyed by input name, or .npy for one input")
+    c.add_argument("--golden-inputs", required=True, action="append", metavar="PATH",
+                   help="golden samples: images or folders of images (preprocessed with config.toml's "
+                        "[preprocess]), or tensors: .npz keyed by input name (one input: key 'x' or a single "
+                        "array; other keys such as labels 'y' are ignored), .npy for one input; repeatable")
+    c.add_argument("--golden-scale", type=float, metavar="S",
+                   help="multiply tensor samples by S first (heldout.npz holds raw 0..16 pixels: 0.0625)")
     c.add_argument("--golden-count", type=positive_int, default=8, help="samples kept (default: %(default)s)")
     c.add_argument("--task", choices=("classification", "detection", "regression"), default="classification",
                    help="how device outputs are compared with the golden ones (default: %(default)s)")

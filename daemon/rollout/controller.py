@@ -24,7 +24,7 @@ from calib.files import fsync_dir
 from daemon import crashpoints
 from daemon.engines.cache import is_no_space
 from daemon.engines.factory import EngineFactory
-from daemon.errors import AlreadyExists, FailedPrecondition, NotFound, TegradError
+from daemon.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, TegradError
 from daemon.repository import layout
 from daemon.repository.manager import ModelManager
 from daemon.repository.state import (
@@ -253,27 +253,51 @@ class Rollouts:
     # -- activation -------------------------------------------------------------------------------
 
     async def activate(self, model: str, version: int) -> float:
-        """Activate ``version``, then apply retention; the seconds the activation took."""
+        """Activate ``version``, then apply retention; the seconds the activation took.
+
+        Each activation and rollback is an operation of its own (kind ``activate`` /
+        ``rollback``), so that ``WatchOperations`` shows it and the board counts it.
+        """
         self._writable()
+        op = self.board.create("activate", model=model, version=version)
+        self.board.update(op.id, state=OP_ACTIVATING, progress="loading beside the active version")
         start = time.monotonic()
         try:
             await self.manager.activate(model, version, loaded=lambda: crashpoints.reached("activate"))
-        except TegradError:
-            metrics.ROLLOUT_OPERATIONS.labels("activate", "failed").inc()
+        except TegradError as exc:
+            self.board.update(op.id, state=OP_FAILED, error=str(exc), progress="")
             raise
         took = _observe("activate", start)
-        metrics.ROLLOUT_OPERATIONS.labels("activate", "succeeded").inc()
+        self.board.update(op.id, state=SUCCEEDED, progress="", stage_seconds={"activate": took})
         await self.retain(model)
         return took
 
     async def rollback(self, model: str) -> None:
         self._writable()
+        op = self.board.create("rollback", model=model, version=self.store.rollout_model(model)[1])
+        self.board.update(op.id, state=OP_ACTIVATING, progress="activating the previous version")
+        start = time.monotonic()
         try:
             await self.manager.rollback(model, loaded=lambda: crashpoints.reached("activate"))
-        except TegradError:
-            metrics.ROLLOUT_OPERATIONS.labels("rollback", "failed").inc()
+        except TegradError as exc:
+            self.board.update(op.id, state=OP_FAILED, error=str(exc), progress="")
             raise
-        metrics.ROLLOUT_OPERATIONS.labels("rollback", "succeeded").inc()
+        self.board.update(op.id, state=SUCCEEDED, progress="", version=self.store.rollout_model(model)[0],
+                          stage_seconds={"activate": time.monotonic() - start})
+
+    def check_bundle(self, model: str, version: int, total_size: int, sha: str) -> tuple[int, int]:
+        """Before an upload: would this device take the bundle? ``(bytes already held, size limit)``."""
+        self._writable()
+        if total_size > self.options.max_bundle_bytes:
+            raise ResourceExhausted(f"bundle of {total_size} bytes is over this device's limit of "
+                                    f"{self.options.max_bundle_bytes} bytes (--max-bundle-mb)")
+        if model and version:
+            self._check_new(model, version)
+        try:
+            received = self.uploads.state(sha).received if sha else 0
+        except NotFound:
+            received = 0
+        return received, self.options.max_bundle_bytes
 
     # -- deletion and retention ---------------------------------------------------------------------
 

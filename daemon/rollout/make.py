@@ -14,7 +14,6 @@ import datetime as _dt
 import io
 import itertools
 import os
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,35 +74,76 @@ def _utc_now() -> str:
     return when.replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _resolve_model(model: Path, version: int | None) -> tuple[Path, Path | None, int]:
-    """``(model.onnx, model directory or None, version)`` for a .onnx file or a model directory."""
+def _resolve_model(model: Path, source_version: int | None = None) -> tuple[Path, Path | None, int | None]:
+    """``(model.onnx, model directory or None, the source's version number or None)``.
+
+    ``model`` is a .onnx file, a version directory (``repo/digits/2``), or a model
+    directory: its ``model.onnx``, else its newest ``<version>/model.onnx`` (or
+    ``source_version``'s).
+    """
     if model.is_file():
-        return model, None, version or 1
+        return model, None, None
     if not model.is_dir():
         raise BundleError(f"{model}: no such model directory or .onnx file")
+    if model.name.isdigit() and (model / MODEL).is_file() and (model.parent / CONFIG).is_file():
+        return model / MODEL, model.parent, int(model.name)
     numbered = sorted(int(d.name) for d in model.iterdir() if d.name.isdigit() and (d / MODEL).is_file())
-    if version is not None and version in numbered:
-        return model / str(version) / MODEL, model, version
-    if (model / MODEL).is_file():
-        return model / MODEL, model, version or 1
-    if numbered and version is None:
+    if source_version is not None:
+        if source_version in numbered:
+            return model / str(source_version) / MODEL, model, source_version
+    elif (model / MODEL).is_file():
+        return model / MODEL, model, None
+    elif numbered:
         return model / str(numbered[-1]) / MODEL, model, numbered[-1]
     have = f"versions {numbered}" if numbered else f"no <version>/{MODEL} and no {MODEL}"
-    raise BundleError(f"{model}: cannot find the model{f' version {version}' if version else ''} ({have})")
+    wanted = f" version {source_version}" if source_version else ""
+    raise BundleError(f"{model}: cannot find the model{wanted} ({have})")
 
 
-def _golden_feeds(golden: Any, proto: Any, count: int) -> dict[str, np.ndarray]:
+def _input_dims(proto: Any) -> dict[str, list[int | None]]:
+    """Each graph input's non-batch dimensions, None where symbolic."""
+    out = {}
+    for i in proto.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+        out[i.name] = dims[1:]
+    return out
+
+
+def _golden_feeds(golden: Any, proto: Any, count: int, config: ModelConfig | None = None,
+                  scale: float | None = None) -> dict[str, np.ndarray]:
+    """The golden samples for the model's graph inputs.
+
+    ``golden``: paths (images, image folders, .npy/.npz by :mod:`daemon.tensor_files`' key
+    mapping), an array, or a mapping input name -> array. Images are preprocessed with the
+    config's ``[preprocess]``; ``scale`` multiplies tensors (e.g. raw 0..16 pixels to 0..1).
+    """
     import onnx
 
+    from daemon import tensor_files
+
     names, _ = graph_io(proto)
-    if isinstance(golden, (str, os.PathLike)):
-        golden = _load_golden_file(Path(golden), names)
-    elif isinstance(golden, np.ndarray):
-        if len(names) != 1:
-            raise BundleError(f"one array of golden inputs given, but the model has inputs {names}")
-        golden = {names[0]: golden}
-    elif not isinstance(golden, Mapping):
-        raise BundleError("golden inputs: give an .npz/.npy path, an array, or a mapping input name -> array")
+    dims = _input_dims(proto)
+    try:
+        if isinstance(golden, (str, os.PathLike)):
+            golden = [golden]
+        if isinstance(golden, (list, tuple)) and all(isinstance(g, (str, os.PathLike)) for g in golden):
+            images, tensors = tensor_files.split_paths(golden)
+            if images:
+                golden = _golden_images(images[:count], config, names)
+            else:
+                golden = tensor_files.load_tensors(tensors, names)
+                if scale is not None:
+                    golden = {k: np.asarray(v, np.float32) * np.float32(scale) for k, v in golden.items()}
+        elif isinstance(golden, np.ndarray):
+            if len(names) != 1:
+                raise BundleError(f"one array of golden inputs given, but the model has inputs {names}")
+            golden = {names[0]: golden}
+        elif not isinstance(golden, Mapping):
+            raise BundleError("golden inputs: give images, .npz/.npy paths, an array, or a mapping input name -> array")
+        golden = {k: tensor_files.fit_shape(np.asarray(v), dims.get(k, []), k, "golden inputs")
+                  for k, v in golden.items()}
+    except tensor_files.SampleFileError as exc:
+        raise BundleError(f"golden inputs: {exc}") from None
     types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
     feeds = {}
     for name in names:
@@ -115,8 +155,6 @@ def _golden_feeds(golden: Any, proto: Any, count: int) -> dict[str, np.ndarray]:
             if not np.can_cast(arr.dtype, want, casting="same_kind"):
                 raise BundleError(f"golden input {name!r} is {arr.dtype}, the model takes {want}")
             arr = arr.astype(want)
-        if arr.ndim == 0:
-            raise BundleError(f"golden input {name!r} needs a leading sample dimension")
         feeds[name] = arr
     n = min(min(a.shape[0] for a in feeds.values()), count)
     if n < 1:
@@ -124,18 +162,17 @@ def _golden_feeds(golden: Any, proto: Any, count: int) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v[:n]) for k, v in feeds.items()}
 
 
-def _load_golden_file(path: Path, names: list[str]) -> dict[str, np.ndarray]:
-    try:
-        if path.suffix.lower() == ".npy":
-            if len(names) != 1:
-                raise BundleError(f"{path}: a .npy file feeds one input, but the model has {names}; use an .npz")
-            return {names[0]: np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as z:
-            return {k.removeprefix("input:"): z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, BundleError):
-            raise
-        raise BundleError(f"golden inputs {path}: {exc}") from None
+def _golden_images(images: list[Path], config: ModelConfig | None, names: list[str]) -> dict[str, np.ndarray]:
+    from daemon import tensor_files
+
+    pre = config.preprocess if config is not None else None
+    if pre is None:
+        raise BundleError(f"golden inputs are images, but {CONFIG} has no [preprocess] to turn them into the "
+                          "model's input; add [preprocess] or give preprocessed tensors (.npz/.npy)")
+    target = pre.model_input or (names[0] if len(names) == 1 else None)
+    if target is None:
+        raise BundleError(f"{CONFIG}: [preprocess] model_input names no input; the model has {names}")
+    return {target: tensor_files.preprocess_images(images, pre.to_spec())}
 
 
 def _reference_outputs(model_path: Path, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -195,7 +232,13 @@ def _cache_member(config: ModelConfig, data: bytes) -> str:
     return "calib.cache" if data.startswith(b"TRT-") else "calib.json"
 
 
-def _label_sources(config: ModelConfig, model_dir: Path | None, labels: Any) -> dict[str, Path]:
+def _beside(ref: str, model_path: Path, model_dir: Path) -> Path:
+    """A file the config names: in the version directory when it is there, else in the model directory."""
+    own = model_path.parent / ref
+    return own if own.is_file() else model_dir / ref
+
+
+def _label_sources(config: ModelConfig, model_path: Path, model_dir: Path | None, labels: Any) -> dict[str, Path]:
     refs = sorted({t.labels for t in config.output if t.labels})
     for ref in refs:
         try:
@@ -209,9 +252,10 @@ def _label_sources(config: ModelConfig, model_dir: Path | None, labels: Any) -> 
         sources[refs[0] if refs else DEFAULT_LABELS] = Path(labels)
     for ref in refs:
         if ref not in sources:
-            if model_dir is None or not (model_dir / ref).is_file():
+            found = _beside(ref, model_path, model_dir) if model_dir is not None else None
+            if found is None or not found.is_file():
                 raise BundleError(f"{CONFIG} uses labels {ref!r}, which was not found; pass the labels file")
-            sources[ref] = model_dir / ref
+            sources[ref] = found
     return sources
 
 
@@ -235,34 +279,42 @@ def create(
     golden_inputs: Any,
     name: str | None = None,
     version: int | None = None,
+    source_version: int | None = None,
     config_text: str | None = None,
     calibration_cache: str | os.PathLike[str] | None = None,
     labels: str | os.PathLike[str] | None = None,
     golden_count: int = 8,
+    golden_scale: float | None = None,
     validation: Validation | Mapping[str, Any] | None = None,
     calibrate_data: Any = None,
     calibrate_algorithm: str = "entropy",
     min_tegrad_version: str | None = None,
     created: str | None = None,
 ) -> Manifest:
-    """Make a bundle of ``model`` (a model directory or a .onnx file) at ``out_path``.
+    """Make a bundle of ``model`` (a model directory, a version directory or a .onnx file) at ``out_path``.
 
     A model directory is a repository entry: ``config.toml``, ``<version>/model.onnx``
-    (or ``model.onnx``), and the label and calibration files its config names.
-    ``golden_inputs`` (an .npz keyed by input name, a .npy for one input, an
-    array or a mapping) gives the first ``golden_count`` samples, whose FP32
-    outputs ONNX Runtime computes here. ``calibrate_data`` (anything
-    ``calib.observe`` reads) makes a calibration cache when none is given.
+    (or ``model.onnx``), and the label and calibration files its config names; the
+    newest version is taken unless ``source_version`` names one, and a version
+    directory's own ``config.toml`` wins. ``version`` is the version the bundle
+    ships as (default: the source's number, else 1). ``golden_inputs`` (images or
+    image folders, preprocessed with the config's ``[preprocess]``; .npz/.npy files,
+    see :mod:`daemon.tensor_files` for the key mapping; an array or a mapping) gives
+    the first ``golden_count`` samples, whose FP32 outputs ONNX Runtime computes here.
+    ``calibrate_data`` (anything ``calib.observe`` reads) makes a calibration cache
+    when none is given.
     ``created`` defaults to ``$SOURCE_DATE_EPOCH`` or now; fix it to get
     byte-identical bundles from the same inputs.
     """
     import onnx
 
-    model_path, model_dir, version = _resolve_model(Path(model), version)
+    model_path, model_dir, found_version = _resolve_model(Path(model), source_version)
+    version = version or found_version or 1
     if config_text is None:
-        if model_dir is None or not (model_dir / CONFIG).is_file():
+        own = model_path.parent / CONFIG  # a version directory's config wins over the model's
+        if model_dir is None or not (own.is_file() or (model_dir / CONFIG).is_file()):
             raise BundleError(f"no {CONFIG} beside {model_path}; pass the model's config")
-        config_text = (model_dir / CONFIG).read_text(encoding="utf-8")
+        config_text = (own if own.is_file() else model_dir / CONFIG).read_text(encoding="utf-8")
     name = name or (model_dir.name if model_dir is not None else None)
     if not name:
         raise BundleError("give the model's name (--name)")
@@ -284,7 +336,7 @@ def create(
 
     cache_name = None
     if calibration_cache is None and config.calibration_cache is not None and model_dir is not None:
-        calibration_cache = model_dir / config.calibration_cache
+        calibration_cache = _beside(config.calibration_cache, model_path, model_dir)
     if calibration_cache is not None:
         if not Path(calibration_cache).is_file():
             raise BundleError(f"calibration cache {calibration_cache} not found")
@@ -296,10 +348,11 @@ def create(
         cache_name = _cache_member(config, cache_bytes)
         sources[cache_name] = cache_bytes
 
-    sources.update(_label_sources(config, model_dir, labels))
-    feeds, outputs = _reference_outputs(model_path, _golden_feeds(golden_inputs, proto, golden_count))
+    sources.update(_label_sources(config, model_path, model_dir, labels))
+    feeds, outputs = _reference_outputs(
+        model_path, _golden_feeds(golden_inputs, proto, golden_count, config, golden_scale))
     sources[GOLDEN] = npz_bytes({**{f"input:{k}": v for k, v in feeds.items()},
-                                 **{f"output:{k}": v for k, v in outputs.items()}})
+                                 **{f"output:{k}": v for k, v in outputs.items()}}, compressed=True)
 
     members = {}
     for member, src in sources.items():

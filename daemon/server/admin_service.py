@@ -98,6 +98,14 @@ class AdminService(pb_grpc.AdminServicer):
             await abort(context, exc)
         return _upload_pb(state)
 
+    async def CheckBundle(self, request, context):
+        try:
+            received, limit = self.r.check_bundle(request.model, request.version, request.total_size,
+                                                  request.sha256)
+        except TegradError as exc:
+            await abort(context, exc)
+        return pb.CheckBundleResponse(received=received, max_bundle_bytes=limit)
+
     # -- operations ------------------------------------------------------------------------------
 
     async def Stage(self, request, context):
