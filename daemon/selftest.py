@@ -93,6 +93,23 @@ async def _rows(backends: list[str], precisions: list[str], cache_dir: Path) -> 
     return rows
 
 
+def clock_lines(root: Path | str = "/") -> list[str]:
+    """On a Jetson: the power mode and jetson_clocks the latencies below were measured at, and a
+    warning when the clocks were not at their maximum."""
+    from daemon.telemetry.jetson import clock_state, clock_warning, not_jetson_reason
+
+    if not_jetson_reason(root) is not None:
+        return []
+    state = clock_state(root)
+    on = {True: "on", False: "off", None: "unknown"}[state.jetson_clocks]
+    mode = f"{state.mode_id} ({state.mode_name})" if state.mode_id is not None else "unknown"
+    lines = [f"clocks: nvpmodel mode {mode}, jetson_clocks {on}"]
+    warning = clock_warning(state)
+    if warning:
+        lines.append(f"WARNING: {warning}")
+    return lines
+
+
 def run(args) -> int:
     backends = ["onnxruntime"]
     why = tensorrt_unavailable()
@@ -113,6 +130,8 @@ def run(args) -> int:
     headers = ["backend", "precision", "build s", "latency ms (b=1)", "agreement %", "accuracy %",
                "layers i8/f16/f32", "engine"]
     print(f"platform: {describe()}")
+    for line in clock_lines():
+        print(line)
     print(f"tegrad selftest: embedded digits model, {len(x)} held-out images; agreement = top-1 equal to FP32 ONNX Runtime")
     shown = [r[:-1] + [r[-1] if r[2] != "failed" else "see below"] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in shown)) for i, h in enumerate(headers)]

@@ -25,6 +25,7 @@ from daemon.engines.cache import EngineCache, engine_key, is_no_space, no_space,
 from daemon.engines.worker import BuildFailed, BuildJob, BuildPool
 from daemon.errors import ConfigError, FailedPrecondition, TegradError
 from daemon.telemetry import metrics
+from daemon.telemetry.jetson import ClockState, clock_record, clock_warning
 
 log = logging.getLogger("tegrad.engines")
 
@@ -222,6 +223,13 @@ class EngineFactory:
             timing_cache=str(self.cache.timing_cache(backend.fingerprint)) if config.backend == "tensorrt" else None,
         )
         labels = (config.backend, config.precision)
+        # TensorRT times tactics on the clocks of the moment: record them with the engine, and say
+        # when they were not at their maximum (its timing cache and tactic choice depend on them).
+        clocks = await asyncio.to_thread(clock_record)
+        if clocks is not None and config.backend == "tensorrt":
+            warning = clock_warning(ClockState(clocks["nvpmodel_mode"], clocks["nvpmodel_name"], clocks["jetson_clocks"]))
+            if warning:
+                log.warning("model %s version %d: building the engine while %s", config.name, version, warning)
         start = time.monotonic()
         try:
             try:
@@ -243,6 +251,8 @@ class EngineFactory:
                     "model": config.name,
                     "version": version, "build_seconds": round(result.seconds, 3),
                     "peak_rss_mb": round(result.peak_rss_mb, 1), "build_info": result.info}
+            if clocks is not None:
+                meta["clocks"] = clocks
             entry = await asyncio.to_thread(self.cache.store, key, result.artifact, meta)
             await asyncio.to_thread(self.cache.remember_recipe, recipe, result.lowered_sha256)
         finally:

@@ -204,6 +204,23 @@ def clock_state(root: Path | str = "/") -> ClockState:
                       jetson_clocks=_pinned(limits))
 
 
+def clock_record(root: Path | str = "/") -> dict | None:
+    """The clock state as a JSON-safe record on a Jetson (None elsewhere), for build records."""
+    if not_jetson_reason(root) is not None:
+        return None
+    state = clock_state(root)
+    return {"nvpmodel_mode": state.mode_id, "nvpmodel_name": state.mode_name, "jetson_clocks": state.jetson_clocks}
+
+
+def clock_warning(state: ClockState) -> str | None:
+    """Why timings taken now are not comparable (None when the clocks are pinned at their maximum)."""
+    if state.jetson_clocks is not False:
+        return None
+    mode = f"nvpmodel mode {state.mode_id} ({state.mode_name or 'unnamed'})" if state.mode_id is not None else "nvpmodel mode unknown"
+    return (f"clocks are not pinned to their maximum (jetson_clocks is off, {mode}): DVFS moves latencies and "
+            "TensorRT's tactic timings; run `sudo jetson_clocks` (and `sudo nvpmodel -m 0` for MAXN) for comparable figures")
+
+
 @dataclass(frozen=True)
 class _Rail:
     label: str

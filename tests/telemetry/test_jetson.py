@@ -315,3 +315,17 @@ def test_a_failing_source_spares_the_others(caplog):
         telemetry.collect()
     assert caplog.text.count("Broken failed") == 1  # logged once, not every period
     assert any(f.name == "tegrad_jetson_power_watts" for f in snapshot.collect())
+
+
+def test_clock_records_and_warnings_for_builds_and_selftest():
+    from daemon.selftest import clock_lines
+    from daemon.telemetry.jetson import clock_record, clock_warning
+
+    assert clock_record(FIXTURES / "agx-orin-jp6") == {"nvpmodel_mode": 0, "nvpmodel_name": "MAXN", "jetson_clocks": True}
+    assert clock_warning(clock_state(FIXTURES / "agx-orin-jp6")) is None
+    warning = clock_warning(clock_state(FIXTURES / "orin-nano-jp6"))
+    assert "jetson_clocks is off" in warning and "MAXN_SUPER" in warning
+    assert clock_lines(FIXTURES / "agx-orin-jp6") == ["clocks: nvpmodel mode 0 (MAXN), jetson_clocks on"]
+    lines = clock_lines(FIXTURES / "agx-orin-jp5")
+    assert lines[0] == "clocks: nvpmodel mode 1 (MODE_15W), jetson_clocks off" and lines[1].startswith("WARNING: ")
+    assert clock_record(FIXTURES / "no-such-board") is None and clock_lines(FIXTURES / "no-such-board") == []
