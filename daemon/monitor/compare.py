@@ -30,23 +30,6 @@ class Task:
                 "raw": ("max_rel_error", "cosine")}[self.kind]
 
 
-def detection_params(config) -> dict[str, Any] | None:
-    """calib's detection options from a ModelConfig's yolo ``[postprocess]``, or None."""
-    post = config.postprocess
-    if post is None or post.kind != "yolo":
-        return None
-    params: dict[str, Any] = {"layout": post.variant, "score_threshold": post.score_threshold,
-                              "iou_threshold": post.iou_threshold, "max_detections": post.max_detections,
-                              "class_agnostic": post.class_agnostic}
-    if post.output is not None:
-        params["output"] = post.output
-    if post.variant == "yolox":
-        params["strides"] = tuple(post.strides)
-        if config.preprocess is not None:
-            params["input_hw"] = tuple(config.preprocess.to_spec().size)
-    return params
-
-
 def task_of(config, output_names: list[str]) -> Task:
     """What to compare for a model: its ``[postprocess]`` kind, else labels mean classification."""
     post = config.postprocess
@@ -54,7 +37,7 @@ def task_of(config, output_names: list[str]) -> Task:
     output = (post.output if post is not None and post.output else None) or (labelled[0] if labelled else None)
     output = output or output_names[0]
     if post is not None and post.kind == "yolo":
-        det = detection_params(config) or {}
+        det = post.detection_params(config.preprocess) or {}
         det.pop("output", None)
         return Task("detection", output, det)
     if (post is not None and post.kind == "classification") or output in labelled:

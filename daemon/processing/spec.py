@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -143,6 +143,22 @@ class PostprocessConfig(_Strict):
         if not self.strides or any(s < 1 for s in self.strides):
             raise ValueError("strides: expected a non-empty list of positive integers")
         return self
+
+    def detection_params(self, preprocess: PreprocessConfig | None) -> dict[str, Any] | None:
+        """calib's detection options (decode, NMS) for a yolo postprocess, or None for other kinds:
+        what golden-sample validation and the live precision monitor compare boxes with."""
+        if self.kind != "yolo":
+            return None
+        params: dict[str, Any] = {"layout": self.variant, "score_threshold": self.score_threshold,
+                                  "iou_threshold": self.iou_threshold, "max_detections": self.max_detections,
+                                  "class_agnostic": self.class_agnostic}
+        if self.output is not None:
+            params["output"] = self.output
+        if self.variant == "yolox":
+            params["strides"] = tuple(self.strides)
+            if preprocess is not None:
+                params["input_hw"] = tuple(preprocess.to_spec().size)
+        return params
 
     def load_labels(self, model_dir: Path) -> tuple[str, ...]:
         """The labels file, one label per line, relative to the model directory (() if none)."""

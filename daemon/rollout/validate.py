@@ -163,18 +163,7 @@ def _detection_params(detection: Mapping | None, inputs: Mapping[str, np.ndarray
 def bundle_detection(bundle: VerifiedBundle) -> dict | None:
     """Detection options from the bundle config's ``postprocess`` (kind "yolo"), or None."""
     post = bundle.config.postprocess
-    if post is None or post.kind != "yolo":
-        return None
-    params: dict[str, Any] = {"layout": post.variant, "score_threshold": post.score_threshold,
-                              "iou_threshold": post.iou_threshold, "max_detections": post.max_detections,
-                              "class_agnostic": post.class_agnostic}
-    if post.output is not None:
-        params["output"] = post.output
-    if post.variant == "yolox":
-        params["strides"] = tuple(post.strides)
-        if bundle.config.preprocess is not None:
-            params["input_hw"] = tuple(bundle.config.preprocess.to_spec().size)
-    return params
+    return post.detection_params(bundle.config.preprocess) if post is not None else None
 
 
 async def validate_bundle(bundle: VerifiedBundle, engine: Any) -> ValidationReport:
