@@ -46,8 +46,9 @@ def _free_port() -> int:
 
 def run_walkthroughs(tmp_path: Path, *titles: str) -> str:
     """Run the runnable blocks of these walkthroughs in order in one directory; their output."""
-    blocks = [b for title in titles for b in walkthroughs()[title]]
-    if any("$ZOO" in b for b in blocks) and not (ZOO / "models").is_dir():
+    found = walkthroughs()
+    blocks = [(title, b) for title in titles for b in found[title]]
+    if any("$ZOO" in b for _, b in blocks) and not (ZOO / "models").is_dir():
         pytest.skip(f"{titles} need the model zoo, absent at {ZOO} (set ZOO)")
     (tmp_path / "daemon").symlink_to(ROOT / "daemon")
     env = {**os.environ, "ZOO": str(ZOO), "GRPC_PORT": str(_free_port()), "METRICS_PORT": str(_free_port()),
@@ -55,7 +56,9 @@ def run_walkthroughs(tmp_path: Path, *titles: str) -> str:
     groups: list[int] = []
     out: list[str] = []
     try:
-        for i, block in enumerate(blocks):
+        for i, (title, block) in enumerate(blocks):
+            if i and title != blocks[i - 1][0]:
+                _kill(groups)  # a walkthrough's server goes before the next one starts its own
             proc = subprocess.Popen(["bash", "-e", "-c", block], cwd=tmp_path, env=env, start_new_session=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             groups.append(proc.pid)
@@ -63,21 +66,27 @@ def run_walkthroughs(tmp_path: Path, *titles: str) -> str:
             out.append(stdout)
             log = tmp_path / "serve.log"
             assert proc.returncode == 0, (
-                f"{titles}: block {i + 1} exited {proc.returncode}:\n{block}\n--- output:\n{stdout}"
+                f"{title}: block {i + 1} exited {proc.returncode}:\n{block}\n--- output:\n{stdout}"
                 f"\n--- serve.log:\n{log.read_text() if log.exists() else '(none)'}")
     finally:
-        # Blocks leave `tegrad serve ... &` running in their process group.
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(groups)
     return "".join(out)
+
+
+def _kill(groups: list[int]) -> None:
+    """Blocks leave `tegrad serve ... &` running in their process groups."""
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    groups.clear()
 
 
 def test_every_walkthrough_is_checked():
     assert set(walkthroughs()) == {"Quick start", "Your own classifier: EfficientNet-Lite0",
-                                   "Your own detector: YOLOX-Nano", "INT8 and the plan"}
+                                   "Your own detector: YOLOX-Nano", "INT8 and the plan",
+                                   "Bundles and rollout"}
 
 
 def test_quick_start_classifies_the_shipped_samples_as_their_digits(tmp_path):
@@ -105,3 +114,13 @@ def test_the_int8_walkthrough_calibrates_quantizes_and_evaluates(tmp_path):
     figures = json.loads(out[out.rindex("{\n"):out.rindex("}") + 1])
     assert figures["samples"] == 32 and figures["top1_agreement"] >= 0.75, figures
     assert (tmp_path / "models" / "effnet" / "calib.json").is_file()
+
+
+def test_the_bundle_walkthrough_pushes_int8_activates_and_rolls_back(tmp_path):
+    out = run_walkthroughs(tmp_path, "Your own classifier: EfficientNet-Lite0", "INT8 and the plan",
+                           "Bundles and rollout")
+    assert re.search(r"^active: effnet v2 in ", out, re.M), out
+    assert re.search(r"^  v2 +ACTIVE +READY +int8 ", out, re.M), out
+    assert "effnet: rolled back to version 1" in out, out
+    for kind in ("stage", "activate", "rollback"):
+        assert re.search(rf"^{kind}-\w+ effnet v\d SUCCEEDED", out, re.M), (kind, out)
