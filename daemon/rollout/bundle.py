@@ -241,6 +241,9 @@ def check_config(config: ModelConfig, manifest: Manifest) -> None:
     for t in config.output:
         if t.labels is not None and t.labels not in manifest.members:
             raise BundleError(f"{CONFIG}: output {t.name!r} uses labels {t.labels!r}, which the bundle lacks")
+    post = config.postprocess
+    if post is not None and post.labels and post.labels not in manifest.members:
+        raise BundleError(f"{CONFIG}: [postprocess] uses labels {post.labels!r}, which the bundle lacks")
 
 
 def _load_onnx(data: bytes) -> Any:

@@ -239,7 +239,11 @@ def _beside(ref: str, model_path: Path, model_dir: Path) -> Path:
 
 
 def _label_sources(config: ModelConfig, model_path: Path, model_dir: Path | None, labels: Any) -> dict[str, Path]:
-    refs = sorted({t.labels for t in config.output if t.labels})
+    named = {t.labels for t in config.output if t.labels}
+    # [postprocess] labels are read at load like an output's: a bundle without them cannot load.
+    if config.postprocess is not None and config.postprocess.labels:
+        named.add(config.postprocess.labels)
+    refs = sorted(named)
     for ref in refs:
         try:
             check_member_name(ref)

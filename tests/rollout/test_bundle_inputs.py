@@ -170,3 +170,17 @@ def test_reference_outputs_match_onnx_runtime_on_the_same_inputs(digits_dir, tmp
     sess = ort.InferenceSession(str(DIGITS / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"input": g["input:input"]})[0], g["output:logits"], rtol=1e-5,
                                atol=1e-5)
+
+
+def test_postprocess_labels_ship_in_the_bundle(digits_dir, tmp_path):
+    # A [postprocess] labels file is read at load like an output's: without it the version cannot load.
+    text = (digits_dir / "config.toml").read_text().replace('labels = "labels.txt"\n', "")
+    (digits_dir / "config.toml").write_text(text + '\n[postprocess]\nkind = "classification"\nlabels = "classes.txt"\n')
+    (digits_dir / "labels.txt").rename(digits_dir / "classes.txt")
+    out = tmp_path / "a.tegrad"
+    create(digits_dir, out, golden_inputs=[HELDOUT], golden_scale=0.0625, created=CREATED)
+    with tarfile.open(out) as tf:
+        assert tf.extractfile("classes.txt").read() == (digits_dir / "classes.txt").read_bytes()
+    (digits_dir / "classes.txt").unlink()
+    with pytest.raises(BundleError, match="uses labels 'classes.txt', which was not found"):
+        create(digits_dir, tmp_path / "b.tegrad", golden_inputs=[HELDOUT], golden_scale=0.0625, created=CREATED)
