@@ -37,7 +37,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,10 +119,12 @@ class Region:
         with self._lock:
             fd, self.fd = self.fd, -1
             mapped, self._mapped = self._mapped, None
-        if mapped is not None:
-            mapped.close()
-        if fd >= 0:
-            os.close(fd)
+        try:
+            if mapped is not None:
+                mapped.close()
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def mapped(self, open_window: Callable[[int, int, int], object]):
         """The region's window mapped into the GPU: ``open_window(fd, offset, byte_size)`` on the
@@ -230,7 +232,7 @@ class RequestRegions:
 NO_REGIONS = RequestRegions()
 
 
-def _uses_shared_memory(tensors) -> bool:
+def _uses_shared_memory(tensors: Sequence) -> bool:
     return any(p in t.parameters for t in tensors for p in _PARAMS)
 
 
