@@ -15,6 +15,13 @@ postprocessing kernels read the previous stage's buffer in place, all queued on 
 stream, and the host waits once, for the final tensors. Stage boundaries are CUDA events, which
 also time the stages. Other engines (ONNX Runtime) round-trip through host tensors.
 
+Raw frames from a registered shared-memory region, on an integrated GPU (Jetson, detected from
+the device's INTEGRATED and CAN_MAP_HOST_MEMORY attributes), are not read by the host at all:
+``in_place_inputs`` tells the server to leave them in the region, ``admit`` turns them into
+:class:`~daemon.processing.images.FrameInRegion` items, and the kernel reads them through the
+region's GPU mapping (:func:`daemon.processing.gpu_shm.enqueue_frames`). Elsewhere (CPU,
+discrete GPUs, encoded images, tensors) the server reads them with one copy.
+
 A model with ``[preprocess]`` accepts either the images (``preprocess.input``) or its own
 input tensor, already preprocessed, in each request: both are optional inputs in its
 metadata and exactly one must be sent.
@@ -36,7 +43,7 @@ from daemon.engines.availability import cuda_unavailable
 from daemon.errors import ConfigError, InvalidArgument
 from daemon.processing.budget import DecodeBudget, daemon_budget
 from daemon.processing.cpu import CpuPostprocessor, CpuPreprocessor
-from daemon.processing.images import BatchDecoder, CheckedImage, check_batch, frames_batch
+from daemon.processing.images import BatchDecoder, CheckedImage, FrameInRegion, check_batch, frames_batch
 from daemon.processing.spec import bind_input, bind_output
 from daemon.telemetry.metrics import IMAGES_CORRUPT
 from daemon.tensor_spec import TensorSpec
@@ -53,6 +60,10 @@ def processing_device(config: ModelConfig) -> str:
             raise ConfigError(f"model {config.name}: processing_device = \"gpu\" {why}")
         return "gpu"
     return "gpu" if config.backend == "tensorrt" and why is None else "cpu"
+
+
+def _in_region(images: list) -> bool:
+    return any(isinstance(image, FrameInRegion) for image in images)
 
 
 def _object_array(items: list) -> np.ndarray:
@@ -98,6 +109,13 @@ class ProcessedEngine:
         except ValueError as exc:
             raise ConfigError(f"{model_dir / 'config.toml'}: {exc}") from None
         self._stages = [(0, 0, 0)] * slots
+        self.in_place_inputs = frozenset({self._pre.input}) if self._reads_regions_in_place() else frozenset()
+
+    def _reads_regions_in_place(self) -> bool:
+        """Zero-copy needs raw frames, GPU preprocessing and CPU/GPU shared memory (integrated)."""
+        if self._pre is None or self._pre.format != "raw" or self.device != "gpu":
+            return False
+        return all(getattr(p, "gpu", None) is not None and p.gpu.integrated for p in self._pres)
 
     def _stream(self, slot: int):
         # The engine's own stream: stream order alone keeps each stage after the previous one
@@ -140,7 +158,7 @@ class ProcessedEngine:
             return inputs
         batch = inputs[name]
         if self._pre.format == "raw":
-            images = frames_batch(batch, self._pre)
+            images = frames_batch(batch, self._pre, in_place=bool(self.in_place_inputs))
         else:
             items = batch.reshape(-1) if batch.ndim == 2 and batch.shape[1] == 1 else batch
             if items.ndim != 1 or items.size == 0:
@@ -186,7 +204,13 @@ class ProcessedEngine:
         t0 = time.perf_counter_ns()
         transforms = None
         if self._pre is not None and self._pre.input in feeds:
-            tensor, transforms = self._pres[slot].run(list(feeds[self._pre.input]))
+            images = list(feeds[self._pre.input])
+            if _in_region(images):
+                from daemon.processing.gpu_shm import run_frames
+
+                tensor, transforms = run_frames(self._pres[slot], images)
+            else:
+                tensor, transforms = self._pres[slot].run(images)
             self._done_with_images(feeds[self._pre.input])
             feeds = {k: v for k, v in feeds.items() if k != self._pre.input}
             feeds[self._model_input.name] = tensor
@@ -208,7 +232,13 @@ class ProcessedEngine:
     def _infer_on_device(self, feeds: dict[str, np.ndarray], slot: int) -> dict[str, np.ndarray]:
         pre, post, engine = self._pres[slot], self._posts[slot], self._engine
         name = self._model_input.name
-        tensor, transforms = pre.enqueue(list(feeds[self._pre.input]), out_ptr=engine.input_buffer(slot, name))
+        images = list(feeds[self._pre.input])
+        if _in_region(images):
+            from daemon.processing.gpu_shm import enqueue_frames
+
+            tensor, transforms = enqueue_frames(pre, images, out_ptr=engine.input_buffer(slot, name))
+        else:
+            tensor, transforms = pre.enqueue(images, out_ptr=engine.input_buffer(slot, name))
         outputs = engine.infer_device(slot, {name: tensor.shape}, wait_for=pre.done)
         self._done_with_images(feeds[self._pre.input])
         if hasattr(post, "enqueue"):

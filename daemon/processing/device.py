@@ -137,9 +137,11 @@ class MappedHostWindow:
 
     On an integrated GPU (Jetson) this is the zero-copy path: CPU and GPU share DRAM and the
     kernel reads the frame where the app wrote it. Only the window is mapped. The host side
-    should not read ``host``: a client that shrinks its object makes host access past the new
-    end fault (SIGBUS), while the GPU keeps reading the pages it pinned. ``close`` unregisters
-    and unmaps, in this context.
+    must not read ``host`` (the serving path never does): a client that shrinks its object
+    makes host access past the new end fault (SIGBUS), while the GPU keeps reading the pages
+    it pinned. Residual risk: a client that truncates the object while it is pinned here and
+    grows it again leaves the GPU reading the old, orphaned pages (stale frames, no crash)
+    until the region is registered again. ``close`` unregisters and unmaps, in this context.
     """
 
     def __init__(self, gpu: Gpu, fd: int, offset: int, nbytes: int) -> None:
@@ -166,13 +168,32 @@ class MappedHostWindow:
             raise
         self.host = self._registered[self._skip:]
         self._closed = False
+        self._owns_gpu = False
+
+    @classmethod
+    def open(cls, fd: int, offset: int, nbytes: int, ordinal: int = 0) -> MappedHostWindow:
+        """A window that holds its own reference to the device's primary context, so it can
+        outlive the processors that use it (a registered region's cache); ``close`` drops it."""
+        gpu = Gpu(ordinal)
+        try:
+            window = cls(gpu, fd, offset, nbytes)
+        except BaseException:
+            gpu.close()
+            raise
+        window._owns_gpu = True
+        return window
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        with self.gpu.active():
+        with self.gpu.active() as cuda:
+            # Work queued by any slot may still read these pages; unregistering under a running
+            # kernel is undefined, so wait for the context to go idle (this runs once per region).
+            cuda.Context.synchronize()
             self._registered.base.unregister()
         # The numpy views export the mapping's buffer; mmap refuses to close while they live.
         self.host = self._registered = None
         self._map.close()
+        if self._owns_gpu:
+            self.gpu.close()

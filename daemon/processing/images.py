@@ -11,6 +11,7 @@ never keeps the decode threads from others.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -239,17 +240,57 @@ def decode_batch(batch: np.ndarray, config: PreprocessConfig, pool: Executor | N
     return map_items(pool, lambda _, item: decoder(item), checked)
 
 
-def frames_batch(batch: np.ndarray, config: PreprocessConfig) -> list[np.ndarray]:
-    """A UINT8 ``[N, H, W, 3]`` tensor of BGR frames to a list of ``N`` HxWx3 views."""
-    arr = np.asarray(batch)
+@dataclass(frozen=True)
+class RegionFrames:
+    """Raw frames (UINT8 ``[N, H, W, 3]``) left in a client's registered shared-memory region.
+
+    ``region`` is a :class:`daemon.server.shared_memory.Region` (``read``, ``mapped``) held by the
+    request; ``offset`` is relative to its window. The GPU path reads the frames through the
+    mapped window; every other path calls :meth:`read` (one ``preadv``) and gets an array.
+    """
+
+    region: object
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self) -> np.ndarray:
+        return self.region.read(self.offset, self.nbytes).reshape(self.shape)
+
+    def frames(self) -> list[FrameInRegion]:
+        n, h, w = self.shape[:3]
+        return [FrameInRegion(self.region, self.offset + i * h * w * 3, h, w) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class FrameInRegion:
+    """One HxWx3 BGR frame at byte ``offset`` of a region's window, not read by the host."""
+
+    region: object
+    offset: int
+    height: int
+    width: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.height * self.width * 3
+
+    def read(self) -> np.ndarray:
+        return self.region.read(self.offset, self.nbytes).reshape(self.height, self.width, 3)
+
+
+def _check_frames(shape: tuple[int, ...], dtype, config: PreprocessConfig) -> None:
     where = f"input {config.input!r}"
-    if arr.dtype != np.uint8:
-        raise InvalidArgument(f"{where}: raw frames must be UINT8, got {arr.dtype}")
-    if arr.ndim != 4 or arr.shape[3] != 3:
-        raise InvalidArgument(f"{where}: raw frames must have shape [N, H, W, 3] (BGR), got {list(arr.shape)}")
-    n, h, w = arr.shape[:3]
+    if dtype != np.uint8:
+        raise InvalidArgument(f"{where}: raw frames must be UINT8, got {dtype}")
+    if len(shape) != 4 or shape[3] != 3:
+        raise InvalidArgument(f"{where}: raw frames must have shape [N, H, W, 3] (BGR), got {list(shape)}")
+    n, h, w = shape[:3]
     if n == 0 or h == 0 or w == 0:
-        raise InvalidArgument(f"{where}: raw frames must not be empty, got shape {list(arr.shape)}")
+        raise InvalidArgument(f"{where}: raw frames must not be empty, got shape {list(shape)}")
     if h * w > config.max_image_pixels:
         raise InvalidArgument(
             f"{where}: frames are {w}x{h} ({h * w} pixels), more than the model's max_image_pixels "
@@ -257,7 +298,22 @@ def frames_batch(batch: np.ndarray, config: PreprocessConfig) -> list[np.ndarray
         )
     _check_geometry(where, ImageHeader("raw", w, h), config.max_image_pixels, config.max_aspect_ratio,
                     config.to_spec())
-    return [arr[i] for i in range(n)]
+
+
+def frames_batch(batch: np.ndarray | RegionFrames, config: PreprocessConfig,
+                 in_place: bool = False) -> list[np.ndarray] | list[FrameInRegion]:
+    """A UINT8 ``[N, H, W, 3]`` tensor of BGR frames to a list of ``N`` HxWx3 views.
+
+    Frames still in shared memory are checked from their shape alone; with ``in_place`` they
+    stay there (for the GPU), else they are read with one copy."""
+    if isinstance(batch, RegionFrames):
+        _check_frames(batch.shape, np.dtype(np.uint8), config)
+        if in_place:
+            return batch.frames()
+        batch = batch.read()
+    arr = np.asarray(batch)
+    _check_frames(arr.shape, arr.dtype, config)
+    return [arr[i] for i in range(arr.shape[0])]
 
 
 def load_batch(batch: np.ndarray, config: PreprocessConfig, pool: Executor | None = None) -> list[np.ndarray]:

@@ -229,7 +229,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         lv.stats.inflight.inc()
         regions = NO_REGIONS
         try:
-            regions = self.shared_memory.attach(request)
+            # Raw frames for an integrated GPU stay in their region: the kernel reads them in place.
+            regions = self.shared_memory.attach(request, in_place=getattr(lv.engine, "in_place_inputs", ()))
             inputs = tensors.decode_inputs(request, lv.inputs, regions.inputs)
             if isinstance(lv.engine, ProcessedEngine):
                 inputs = await lv.engine.admit(inputs)

@@ -13,9 +13,16 @@ signal Python cannot turn into an exception. With ``pread`` the kernel does the 
 check: a shrunk object gives a short read, which fails only that request. Reading a
 1920x1080 frame that way is one memory copy into the tensor the engine is fed (no protobuf
 decode, no socket); it is the "one copy at most" the CPU backend and discrete GPUs allow.
-For the GPU, :class:`daemon.processing.device.MappedHostWindow` page-locks a window and maps
-it into the GPU so kernels read it in place (:mod:`daemon.processing.gpu_shm`); the serving
-path does not use it yet and reads with ``pread`` on every device.
+
+Zero-copy on integrated GPUs (Jetson): when the model takes raw frames and preprocesses them
+on an integrated GPU, ``attach`` reads nothing for that input; it hands back a
+:class:`~daemon.processing.images.RegionFrames` (region, offset, shape, sizes checked against
+``fstat``), and the preprocessing kernel reads the frames through the region's window,
+page-locked and mapped into the GPU once (:meth:`Region.mapped`) and kept until the region is
+closed. No host code reads that mapping: pinned pages cannot fault the GPU, but a host read
+past the end of an object the client shrank would kill the daemon. The residual risk, a client
+that truncates its object while it is pinned, is stale frames, not a crash (see
+:class:`~daemon.processing.device.MappedHostWindow`).
 
 Lifetime: every request holds a reference to each region it names from the moment its
 parameters are resolved until its response is built. Unregistering removes the name at
@@ -30,12 +37,13 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from daemon.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
+from daemon.processing.images import RegionFrames
 from daemon.telemetry import metrics
 
 __all__ = ["Limits", "NO_REGIONS", "Region", "RequestRegions", "SharedMemoryRegistry", "OutputWindow"]
@@ -76,6 +84,7 @@ class Region:
         self._users = 0
         self._retired = False
         self._lock = threading.Lock()
+        self._mapped = None  # the window mapped into the GPU, opened by the first zero-copy request
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -107,11 +116,34 @@ class Region:
         return self.fd < 0
 
     def _close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        with self._lock:
+            fd, self.fd = self.fd, -1
+            mapped, self._mapped = self._mapped, None
+        try:
+            if mapped is not None:
+                mapped.close()
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def mapped(self, open_window: Callable[[int, int, int], object]):
+        """The region's window mapped into the GPU: ``open_window(fd, offset, byte_size)`` on the
+        first call (e.g. :meth:`MappedHostWindow.open`), the same window after, until the region
+        is closed. Only a request holding the region may call it."""
+        with self._lock:
+            if self.fd < 0:
+                raise NotFound(f"shared memory region '{self.name}' was unregistered; register it again")
+            if self._mapped is None:
+                # The object may have shrunk since registration: check before pinning its pages.
+                self._check_object(0, self.byte_size)
+                self._mapped = open_window(self.fd, self.offset, self.byte_size)
+            return self._mapped
 
     # -- I/O ----------------------------------------------------------------------------------
+
+    def check(self, offset: int, nbytes: int) -> None:
+        """Refuse if the object was removed or no longer holds ``nbytes`` at ``offset`` (fstat only)."""
+        self._check_object(offset, nbytes)
 
     def _check_object(self, offset: int, nbytes: int) -> None:
         st = os.fstat(self.fd)
@@ -184,9 +216,10 @@ class OutputWindow:
 
 @dataclass
 class RequestRegions:
-    """The regions one request uses: input bytes already read, output windows to write."""
+    """The regions one request uses: input bytes already read (or frames left in place for the
+    GPU), output windows to write."""
 
-    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    inputs: dict[str, np.ndarray | RegionFrames] = field(default_factory=dict)
     outputs: dict[str, OutputWindow] = field(default_factory=dict)
     held: list[Region] = field(default_factory=list)
 
@@ -359,11 +392,13 @@ class SharedMemoryRegistry:
 
     # -- per request ---------------------------------------------------------------------------
 
-    def attach(self, request) -> RequestRegions:
+    def attach(self, request, in_place: Collection[str] = ()) -> RequestRegions:
         """Resolve the request's shared-memory inputs (read now) and outputs (written later).
 
-        The caller must ``release()`` the result when the response is built. Every check runs
-        before any byte is read, so a bad request costs nothing.
+        Inputs named in ``in_place`` (raw frames a GPU reads through the mapped region) that are
+        UINT8 stay where they are, as :class:`RegionFrames`. The caller must ``release()`` the
+        result when the response is built. Every check runs before any byte is read, so a bad
+        request costs nothing.
         """
         if not (_uses_shared_memory(request.inputs) or _uses_shared_memory(request.outputs)):
             return NO_REGIONS
@@ -406,8 +441,14 @@ class SharedMemoryRegistry:
                         )
                 placed.append(window)
                 regions.outputs[out.name] = OutputWindow(out.name, window)
+            datatypes = {inp.name: inp.datatype for inp in request.inputs}
+            shapes = {inp.name: tuple(inp.shape) for inp in request.inputs}
             for name, window in windows:
-                regions.inputs[name] = window.region.read(window.offset, window.byte_size)
+                if name in in_place and datatypes[name] == "UINT8":
+                    window.region.check(window.offset, window.byte_size)
+                    regions.inputs[name] = RegionFrames(window.region, window.offset, shapes[name])
+                else:
+                    regions.inputs[name] = window.region.read(window.offset, window.byte_size)
         except BaseException:
             regions.release()
             raise

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from daemon.errors import Internal, InvalidArgument
+from daemon.processing.images import RegionFrames
 from daemon.protogen import grpc_service_pb2 as pb
 from daemon.tensor_spec import TensorSpec
 
@@ -180,7 +181,9 @@ def decode_inputs(
     Raw inputs become zero-copy, read-only views of ``raw_input_contents``; typed
     contents are converted (and range-checked where the wire type is wider).
     ``in_shared_memory`` maps inputs read from shared memory to their raw bytes; as in
-    Triton, ``raw_input_contents`` then holds entries for the other inputs only.
+    Triton, ``raw_input_contents`` then holds entries for the other inputs only. Raw frames
+    left in their region for the GPU (:class:`RegionFrames`) pass through unread, for the
+    model's ``admit``; their byte size was checked against the shape by the registry.
     """
     in_shm = in_shared_memory or {}
     by_name = {spec.name: spec for spec in specs}
@@ -250,7 +253,9 @@ def decode_inputs(
     next_raw = 0
     for i, inp in enumerate(inputs):
         spec = by_name[inp.name]
-        if inp.name in in_shm:
+        if inp.name in in_shm and isinstance(in_shm[inp.name], RegionFrames):
+            out[inp.name] = in_shm[inp.name]
+        elif inp.name in in_shm:
             out[inp.name] = _decode_raw(inp.name, spec.datatype, shapes[i], in_shm[inp.name])
         elif raw:
             out[inp.name] = _decode_raw(inp.name, spec.datatype, shapes[i], raw[next_raw])
