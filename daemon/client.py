@@ -51,15 +51,20 @@ def _inputs(args, meta: pb.ModelMetadataResponse, optional: set[str]) -> dict[st
     for t in meta.inputs:
         if t.name in optional and t.datatype == "BYTES":
             continue  # a model that takes images or a tensor: random data only makes sense as the tensor
-        shape = [args.batch if i == 0 and d == -1 else (d if d > 0 else 1) for i, d in enumerate(t.shape)]
-        dtype = DATATYPE_TO_NUMPY[t.datatype]
-        if t.datatype == "BYTES":
-            arrays[t.name] = np.full(shape, b"tegrad", dtype=object)
-        elif dtype.kind == "f":
-            arrays[t.name] = rng.random(shape).astype(dtype)
-        else:
-            arrays[t.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        arrays[t.name] = random_tensor(t, args.batch, rng)
     return arrays
+
+
+def random_tensor(t: pb.ModelMetadataResponse.TensorMetadata, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Random data for an input of the model's metadata: a variable first dimension is ``batch``,
+    other variable dimensions 1."""
+    shape = [batch if i == 0 and d == -1 else (d if d > 0 else 1) for i, d in enumerate(t.shape)]
+    dtype = DATATYPE_TO_NUMPY[t.datatype]
+    if t.datatype == "BYTES":
+        return np.full(shape, b"tegrad", dtype=object)
+    if dtype.kind == "f":
+        return rng.random(shape).astype(dtype)
+    return rng.integers(0, 2, size=shape).astype(dtype)
 
 
 def infer(args) -> int:

@@ -82,6 +82,7 @@ class PerfError(Exception):
 def build_requests(meta, config, opts: PerfOptions, count: int = 32) -> list:
     """Ready ModelInferRequests that cycle over the given images or tensors (random when none)."""
     from daemon import tensor_files
+    from daemon.client import random_tensor
     from daemon.engines.base import DATATYPE_TO_NUMPY
     from daemon.protogen import grpc_service_pb2 as pb
     from daemon.server.tensors import serialize_bytes_tensor
@@ -121,17 +122,7 @@ def build_requests(meta, config, opts: PerfOptions, count: int = 32) -> list:
         else:
             rng = np.random.default_rng(0)
             for _ in range(min(count, 8)):
-                feed = {}
-                for t in specs:
-                    shape = [b if i == 0 and d == -1 else (d if d > 0 else 1) for i, d in enumerate(t.shape)]
-                    dtype = DATATYPE_TO_NUMPY[t.datatype]
-                    if t.datatype == "BYTES":
-                        feed[t.name] = np.full(shape, b"tegrad", dtype=object)
-                    elif dtype.kind == "f":
-                        feed[t.name] = rng.random(shape).astype(dtype)
-                    else:
-                        feed[t.name] = rng.integers(0, 2, size=shape).astype(dtype)
-                feeds.append(feed)
+                feeds.append({t.name: random_tensor(t, b, rng) for t in specs})
     requests = []
     for feed in feeds:
         req = pb.ModelInferRequest(model_name=opts.model, model_version=opts.version)
