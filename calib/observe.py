@@ -288,7 +288,8 @@ def _known_tensors(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def _augment(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``names`` (typed where the graph knows the type)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = {o.name for o in m.graph.output}
@@ -500,7 +501,7 @@ def observe(
     from_feed = [n for n in names if n in graph_inputs]
     fetched = [n for n in names if n not in graph_inputs]
 
-    session = _make_session(_augment(proto, fetched), providers, intra_op_threads)
+    session = _make_session(with_outputs(proto, fetched), providers, intra_op_threads)
     in_meta = {i.name: i for i in session.get_inputs()}
     if input_name is not None and input_name in in_meta:
         dim0 = in_meta[input_name].shape[0] if in_meta[input_name].shape else None

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from calib import input_stats
+from calib.observe import with_outputs
 from daemon.monitor.capture import Capture
 from daemon.monitor.compare import Task, score, window_values
 from daemon.monitor.saturation import Saturation
@@ -114,13 +115,9 @@ class PrecisionMonitor:
         import onnxruntime as ort
 
         proto = onnx.load(str(self._source))
-        present = {o.name for o in proto.graph.output}
-        inputs = {i.name for i in proto.graph.input}
-        wanted = [n for n in (self.saturation.amax if self.saturation else ()) if n not in present and n not in inputs]
-        known = {v for node in proto.graph.node for v in node.output}
-        for name in wanted:
-            if name in known:
-                proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        # Calibrated activations (graph inputs come from the feed itself).
+        produced = {v for node in proto.graph.node for v in node.output}
+        proto = with_outputs(proto, [n for n in (self.saturation.amax if self.saturation else ()) if n in produced])
         options = ort.SessionOptions()
         options.intra_op_num_threads = self._threads
         options.inter_op_num_threads = 1
