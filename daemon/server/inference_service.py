@@ -172,11 +172,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference --------------------------------------------------------------------------------
 
-    async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        if self.lifecycle.draining:
+    async def _infer(self, request: pb.ModelInferRequest, context, lv: LoadedVersion) -> pb.ModelInferResponse:
+        if self.lifecycle.draining:  # again: it may have begun while the request waited for the byte budget
             raise Unavailable("tegrad is shutting down and accepts no new requests; retry on another instance")
         with self.lifecycle.working():
-            return await self._infer_admitted(request, context)
+            return await self._infer_admitted(request, context, lv)
 
     async def _infer_bytes(self, data: bytes, context, unary: bool) -> pb.ModelInferResponse:
         """Admission on the raw bytes (model name, queue), then the full parse within the
@@ -209,7 +209,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 lv = None  # the parsed names decide now, not what the scan read
                 lv = self.models.resolve(names.check(request.model_name), request.model_version)
                 stage = "run"  # from here _infer_admitted counts the outcome
-                return await self._infer(request, context if unary else None)
+                return await self._infer(request, context if unary else None, lv)
         except Exception as exc:
             if stage != "run":
                 code, _ = status_of(exc)
@@ -222,9 +222,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         metrics.ADMISSION_REJECTIONS.labels(lv.name, str(lv.version), reason).inc()
             raise
 
-    async def _infer_admitted(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    async def _infer_admitted(self, request: pb.ModelInferRequest, context, lv: LoadedVersion) -> pb.ModelInferResponse:
+        """Run ``request`` on ``lv``, the version resolved from its parsed names (pinned from here on)."""
         start = time.perf_counter_ns()
-        lv = self.models.resolve(request.model_name, request.model_version)
         lv.acquire()
         lv.stats.inflight.inc()
         regions = NO_REGIONS
