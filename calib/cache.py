@@ -3,7 +3,8 @@
 Two serialisations:
 
 * tegrad JSON (``format: "tegrad-calib"``, ``format_version: 1``): amax per
-  tensor, the algorithm and its parameters, sample count, the sha256 of the
+  tensor, the algorithm and its parameters (with ``--algorithm auto``, also
+  ``selection``: the candidates and their held-out scores), sample count, the sha256 of the
   ONNX file it was computed on, the preprocessing spec, and where it came from.
   Version-neutral: it is compiled into explicit Q/DQ on the device.
 * TensorRT's text cache: header ``TRT-<version>-<Algorithm>``, then one
@@ -128,6 +129,7 @@ class CalibrationCache:
         source: Mapping[str, Any] | None = None,
         created: str | None = None,
         tegrad_version: str | None = None,
+        selection: Mapping[str, Any] | None = None,
     ) -> None:
         self.amax: dict[str, float] = {}
         for name, value in amax.items():
@@ -143,6 +145,8 @@ class CalibrationCache:
         self.source = dict(source or {})
         self.created = created or _utc_now()
         self.tegrad_version = tegrad_version or _tegrad_version()
+        # How `--algorithm auto` chose `algorithm`: the candidates and their held-out scores.
+        self.selection = dict(selection) if selection is not None else None
 
     def __repr__(self) -> str:
         return (f"CalibrationCache({len(self.amax)} tensors, algorithm={self.algorithm!r}, "
@@ -157,7 +161,7 @@ class CalibrationCache:
 
     # ---- JSON -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "tegrad_version": self.tegrad_version,
@@ -170,6 +174,10 @@ class CalibrationCache:
             "source": self.source,
             "amax": dict(self.amax),
         }
+        if self.selection is not None:
+            # Only when present, so caches of a fixed algorithm read as they always did.
+            doc["selection"] = self.selection
+        return doc
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CalibrationCache:
@@ -194,7 +202,7 @@ class CalibrationCache:
         algorithm = data.get("algorithm")
         if not isinstance(algorithm, str) or not algorithm:
             raise ValueError("calibration cache: 'algorithm' must be a non-empty string")
-        for key, typ in (("params", Mapping), ("source", Mapping), ("preprocess", Mapping)):
+        for key, typ in (("params", Mapping), ("source", Mapping), ("preprocess", Mapping), ("selection", Mapping)):
             if data.get(key) is not None and not isinstance(data[key], typ):
                 raise ValueError(f"calibration cache: {key!r} must be an object or null")
         num_samples = data.get("num_samples")
@@ -213,6 +221,7 @@ class CalibrationCache:
             source=data.get("source"),
             created=data.get("created"),
             tegrad_version=data.get("tegrad_version"),
+            selection=data.get("selection"),
         )
 
     def to_json(self) -> str:

@@ -275,6 +275,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if method != "percentile":
             raise _UsageError("--percentile only applies to --algorithm percentile")
         params["percentile"] = args.percentile
+    if args.held_out is not None and method != "auto":
+        raise _UsageError("--held-out only applies to --algorithm auto")
+    source = _data_source(args, spec) if args.data else None
+    split = None
+    if method == "auto":
+        from calib import auto_algorithm
+
+        if source is None:
+            raise _UsageError("--algorithm auto scores each algorithm on held-out samples of --data: give --data "
+                              "(with --observations, the data they came from), or choose an --algorithm")
+        split = auto_algorithm.split_source(source, args.held_out or auto_algorithm.HELD_OUT_FRACTION)
+        if split is None:
+            method = auto_algorithm.FALLBACK
+            print(f"note: {source.num_samples} samples are too few to hold some out "
+                  f"(--algorithm auto needs {auto_algorithm.MIN_SAMPLES}); using {method}", file=sys.stderr)
     if args.observations:
         obs = Observations.load(args.observations)
         from calib.cache import model_sha256
@@ -282,10 +297,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if obs.model_sha256 != model_sha256(args.model):
             raise _UsageError(f"{args.observations} was collected on another model")
     else:
-        source = _data_source(args, spec)
         obs = observe(
             args.model,
-            source,
+            split.ranges if split is not None else source,
             batch_size=args.batch_size,
             input_name=_input_name(args),
             histogram=method != "max" or bool(args.save_observations),
@@ -293,7 +307,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
         if args.save_observations:
             obs.save(args.save_observations)
-    amax = algorithms.compute_all(obs, method, **params)
+    choice = None
+    if split is not None:
+        import onnx
+
+        held = auto_algorithm.model_batches(onnx.load(args.model, load_external_data=False), split.held_out,
+                                            _input_name(args), args.batch_size)
+        choice = auto_algorithm.choose(args.model, obs, held, task=_task(args), detection=_detection(args),
+                                       progress=not args.no_progress)
+        print(choice.to_table())
+        amax, method, params = choice.amax, choice.chosen.algorithm, dict(choice.chosen.params)
+    else:
+        amax = algorithms.compute_all(obs, method, **params)
     provenance = dict(obs.source or {})
     provenance["model"] = os.fspath(args.model)
     cache = CalibrationCache(
@@ -304,10 +329,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         model_sha256=obs.model_sha256,
         preprocess=spec.to_dict() if spec is not None else None,
         source=provenance,
+        selection=choice.as_metadata() if choice is not None else None,
     )
     out = Path(args.out) if args.out else _default_out(args.model, ".calib.json")
     atomic_write_text(out, cache.to_json())
-    print(f"wrote {out}: {len(amax)} tensors, {method}, {obs.num_samples} samples")
+    how = f"{method} (auto: {choice.chosen.name})" if choice is not None else method
+    held = f" (+{choice.held_out_samples} held out)" if choice is not None else ""
+    print(f"wrote {out}: {len(amax)} tensors, {how}, {obs.num_samples} samples{held}")
     if args.trt_out:
         atomic_write_text(args.trt_out, cache.to_trt_text(trt_version=args.trt_version))
         print(f"wrote {args.trt_out} (TensorRT calibration cache)")
@@ -502,8 +530,16 @@ def register(subparsers: Any) -> None:
                                           "write a portable calibration cache (JSON).")
     p.add_argument("model", help="ONNX model")
     _add_data_options(p, required=False)
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="entropy", help="amax selection (default entropy)")
+    p.add_argument("--algorithm", choices=("auto",) + ALGORITHMS, default="auto",
+                   help="amax selection (default auto: each algorithm is scored against FP32 on held-out samples "
+                        "of --data and the best is kept)")
     p.add_argument("--percentile", type=float, default=None, help="for --algorithm percentile (default 99.99)")
+    p.add_argument("--held-out", type=float, default=None, metavar="FRACTION",
+                   help="for --algorithm auto: share of --data held out to score the algorithms (default 0.2; "
+                        "at least 8, at most 100 samples)")
+    p.add_argument("--task", choices=("classification", "detection"), default=None,
+                   help="how auto scores: default detection for a --config with [postprocess] kind = 'yolo', "
+                        "else classification")
     p.add_argument("-o", "--out", help="output JSON (default <model>.calib.json)")
     p.add_argument("--trt-out", metavar="PATH", help="also write a TensorRT calibration cache")
     p.add_argument("--trt-version", default=None, help="TensorRT version in the header (default 100300)")
