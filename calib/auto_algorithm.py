@@ -213,10 +213,10 @@ class Choice:
                  f"(ranges from the other {self.range_samples}); {what}; {self.seconds:.1f} s",
                  f"  {'candidate':<20} {'F1' if self.task == 'detection' else 'KL':>10} {'top1':>7} {'cosine':>9}"]
         for c in sorted(self.candidates, key=lambda c: c.key(self.task)):
-            score = c.f1 if self.task == "detection" else c.kl
+            score = f"{c.f1:.4f}" if self.task == "detection" else f"{c.kl:.3e}"
             top1 = "-" if c.top1_agreement is None else f"{c.top1_agreement:.4f}"
             mark = "  <- chosen" if c is self.chosen else (f"  (= {c.same_as})" if c.same_as else "")
-            lines.append(f"  {c.name:<20} {score:>10.6f} {top1:>7} {c.cosine:>9.6f}{mark}")
+            lines.append(f"  {c.name:<20} {score:>10} {top1:>7} {c.cosine:>9.6f}{mark}")
         return "\n".join(lines)
 
     def as_metadata(self) -> dict[str, Any]:

@@ -333,7 +333,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     out = Path(args.out) if args.out else _default_out(args.model, ".calib.json")
     atomic_write_text(out, cache.to_json())
-    how = f"{method} (auto: {choice.chosen.name})" if choice is not None else method
+    how = f"{choice.chosen.name} (chosen by --algorithm auto)" if choice is not None else method
     held = f" (+{choice.held_out_samples} held out)" if choice is not None else ""
     print(f"wrote {out}: {len(amax)} tensors, {how}, {obs.num_samples} samples{held}")
     if args.trt_out:

@@ -116,5 +116,6 @@ def test_capture_is_a_bounded_ring_that_calibration_reads(tmp_path, capsys):
                      "--out", str(out), "--no-progress"])
     assert rc == 0, capsys.readouterr()
     cache = CalibrationCache.load(out)
-    assert cache.num_samples == len(files)
+    # --algorithm auto (the default) holds some samples out to score the algorithms: all are read.
+    assert cache.num_samples + cache.selection["held_out_samples"] == len(files)
     assert "input" in cache.source["input_stats"]
