@@ -296,6 +296,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         if obs.model_sha256 != model_sha256(args.model):
             raise _UsageError(f"{args.observations} was collected on another model")
+        if split is not None and obs.num_samples != len(split.range_indices):
+            print(f"note: {args.observations} holds {obs.num_samples} samples, not the {len(split.range_indices)} "
+                  f"that --algorithm auto keeps for ranges: if they include the held-out ones, the held-out "
+                  f"scores are optimistic", file=sys.stderr)
     else:
         obs = observe(
             args.model,
