@@ -277,7 +277,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         params["percentile"] = args.percentile
     if args.held_out is not None and method != "auto":
         raise _UsageError("--held-out only applies to --algorithm auto")
-    source = _data_source(args, spec) if args.data else None
+    # With --observations, a fixed algorithm needs no data; auto needs it for the held-out part.
+    source = _data_source(args, spec) if args.data and (method == "auto" or not args.observations) else None
     split = None
     if method == "auto":
         from calib import auto_algorithm
@@ -285,7 +286,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if source is None:
             raise _UsageError("--algorithm auto scores each algorithm on held-out samples of --data: give --data "
                               "(with --observations, the data they came from), or choose an --algorithm")
-        split = auto_algorithm.split_source(source, args.held_out or auto_algorithm.HELD_OUT_FRACTION)
+        split = auto_algorithm.split_source(
+            source, auto_algorithm.HELD_OUT_FRACTION if args.held_out is None else args.held_out)
         if split is None:
             method = auto_algorithm.FALLBACK
             print(f"note: {source.num_samples} samples are too few to hold some out "

@@ -228,6 +228,8 @@ def test_cli_auto_with_few_samples_falls_back_with_a_note(tmp_path, capsys):
     assert "6 samples are too few to hold some out" in capsys.readouterr().err
     doc = json.loads(out.read_text())
     assert doc["algorithm"] == auto.FALLBACK and doc["num_samples"] == 6 and "selection" not in doc
+    assert main(["calibrate", model, "--data", data, "--held-out", "1.5", "-o", str(out), "--no-progress"]) == 2
+    assert "held-out fraction must be between 0 and 1" in capsys.readouterr().err
 
 
 def test_cli_auto_with_observations_needs_data(tmp_path, capsys):
