@@ -234,12 +234,12 @@ class Choice:
         }
 
 
-def _score(name: str, cand: Candidate, reference: list[np.ndarray], outputs: list[np.ndarray], task: str,
+def _score(cand: Candidate, reference: list[np.ndarray], outputs: list[np.ndarray], task: str,
            detection: Mapping[str, Any] | None) -> CandidateScore:
     from calib.evaluate import compare_outputs
 
     result = compare_outputs(reference, outputs, task=task, detection=detection)
-    score = CandidateScore(name, cand.algorithm, algorithms.resolved_params(cand.algorithm, **cand.params),
+    score = CandidateScore(cand.name, cand.algorithm, algorithms.resolved_params(cand.algorithm, **cand.params),
                            cosine=result.cosine, top1_agreement=result.top1_agreement, f1=result.f1)
     if task == "classification":
         score.kl = mean_kl(reference, outputs)
@@ -289,7 +289,7 @@ def choose(
             score.params = algorithms.resolved_params(cand.algorithm, **cand.params)
         else:
             graph = lower(proto, "int8", amax=amax, target="cpu")
-            score = _score(cand.name, cand, reference, run_batches(graph, held_out), task, detection)
+            score = _score(cand, reference, run_batches(graph, held_out), task, detection)
         amaxes[cand.name] = amax
         scores.append(score)
     bar.close()
