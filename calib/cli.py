@@ -405,7 +405,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     plan = sensitivity.plan(report, args.model, cache.amax, data, labels=labels, task=task, target=args.target,
                             exclude_precision=args.exclude_precision, detection=_detection(args),
                             target_drop=budget.target_drop, confidence=budget.confidence, min_f1=budget.min_f1,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, speed_batch=next(iter(data)))
     print(report.to_table())
     excluded = list(plan.excluded)
     print(f"\nsuggested exclusion: {plan.summary()}")

@@ -234,6 +234,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ptq = budget.judge(reference, run_batches(ptq_graph, _bar(batches, progress, "plain INT8")), labels=labels,
                        detection=detection)
     steps["ptq"] = ptq
+    _say(f"plain INT8: {planner.describe_result(ptq)}: target {'met' if ptq['met'] else 'missed'}")
     total_layers = len(sensitivity.quantizable_layers(base))
     limit = _max_excluded(args.max_excluded, total_layers)
     report = None
