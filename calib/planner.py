@@ -37,7 +37,7 @@ import onnx
 
 from . import lower as _lower
 from . import qdq as _qdq
-from .evaluate import compare_outputs, detection_defaults, run_batches, session
+from .evaluate import _is_batched, compare_outputs, detection_defaults, run_batches, session
 from .graph import ensure_node_names, ensure_opset, fold_constants, load
 
 #: Default budget: top-1 may drop by at most 2 points against FP32, shown with 80 % confidence.
@@ -136,8 +136,8 @@ class Budget:
         n = ref.shape[0]
         top_r, top_c = ref.argmax(axis=1), cand.argmax(axis=1)
         if labels is not None:
-            y = np.concatenate([np.asarray(v).reshape(-1) for v in labels]) if isinstance(labels, list | tuple) \
-                and len(labels) and np.ndim(labels[0]) >= 1 else np.asarray(labels).reshape(-1)
+            y = np.concatenate([np.asarray(v).reshape(-1) for v in labels]) if _is_batched(labels) \
+                else np.asarray(labels).reshape(-1)
             lost = int(((top_r == y) & (top_c != y)).sum())
             gained = int(((top_r != y) & (top_c == y)).sum())
             out["drop"] = (lost - gained) / n

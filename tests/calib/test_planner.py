@@ -88,6 +88,23 @@ def test_wilson_bound() -> None:
     assert planner.smallest_provable_drop(500, 0.8) < 0.002
 
 
+def test_paired_accuracy_drop_bound() -> None:
+    z = 0.8416212335729143  # 80 % one-sided
+    assert planner.paired_drop_upper(0, 0, 100, 0.8) == planner.wilson_upper(0, 100, 0.8)
+    # As many samples gained as lost: no drop, but the discordant pairs leave doubt.
+    assert planner.paired_drop_upper(5, 5, 100, 0.8) == pytest.approx(z * np.sqrt(10) / 100)
+    assert planner.paired_drop_upper(6, 2, 100, 0.8) > 0.04
+
+
+def test_labels_budget_counts_accuracy_points() -> None:
+    ref = [np.eye(4, dtype=np.float32)[[0, 1, 2, 3]]]
+    cand = [np.eye(4, dtype=np.float32)[[0, 1, 2, 0]]]  # the last answer changes: right -> wrong
+    r = planner.Budget(target_drop=0.3, confidence=0.5).judge(ref, cand, labels=np.array([0, 1, 2, 3]))
+    assert r["drop"] == pytest.approx(0.25) and r["met"] and r["accuracy_candidate"] == 0.75
+    r = planner.Budget(target_drop=0.3, confidence=0.5).judge(ref, cand, labels=[np.array([0, 1]), np.array([2, 0])])
+    assert r["drop"] == pytest.approx(-0.25)  # FP32 was wrong on the last one, INT8 right
+
+
 # ---- whole-model plans on real ONNX Runtime -------------------------------------------------------
 @pytest.fixture(scope="module")
 def chain():
