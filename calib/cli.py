@@ -579,7 +579,7 @@ def register(subparsers: Any) -> None:
                    help="older budget: top-1 agreement with FP32 the plan must keep (point estimate; "
                         "default: --target-drop)")
     p.add_argument("--labels", help="labels (.npy, .csv filename,class, or one integer per line): "
-                                    "budget becomes relative accuracy drop")
+                                    "budget becomes accuracy points lost")
     p.add_argument("--task", choices=("classification", "detection"), default=None,
                    help="default: detection for a --config with [postprocess] kind = 'yolo', else classification")
     p.add_argument("--target", choices=("tensorrt", "cpu"), default="tensorrt")

@@ -62,22 +62,9 @@ def add_budget_options(p: argparse.ArgumentParser, min_f1_default: float | None 
 
 
 def budget_from_args(args: argparse.Namespace, task: str) -> planner.Budget:
-    min_f1 = getattr(args, "min_f1", None)
-    target_drop = getattr(args, "target_drop", None)
-    min_top1 = getattr(args, "min_top1", None)
-    confidence = getattr(args, "confidence", None)
-    if task == "detection" and target_drop is not None:
-        min_f1 = 1.0 - target_drop
-    if min_top1 is not None and target_drop is None:
-        # The older flag is a point estimate on top-1 agreement.
-        target_drop, confidence = 1.0 - min_top1, 0.5 if confidence is None else confidence
     try:
-        return planner.Budget(
-            task=task,
-            target_drop=planner.DEFAULT_TARGET_DROP if target_drop is None else target_drop,
-            confidence=planner.DEFAULT_CONFIDENCE if confidence is None else confidence,
-            min_f1=planner.DEFAULT_MIN_F1 if min_f1 is None else min_f1,
-        )
+        return planner.Budget.from_options(task, getattr(args, "target_drop", None), getattr(args, "confidence", None),
+                                           getattr(args, "min_f1", None), getattr(args, "min_top1", None))
     except ValueError as exc:
         raise _cli._UsageError(str(exc)) from None
 

@@ -114,6 +114,23 @@ class Budget:
         if not 0.0 < self.min_f1 <= 1.0:
             raise ValueError(f"min F1 {self.min_f1} must be in (0, 1]")
 
+    @classmethod
+    def from_options(cls, task: str = "classification", target_drop: float | None = None,
+                     confidence: float | None = None, min_f1: float | None = None,
+                     min_top1: float | None = None) -> Budget:
+        """The budget from optional settings: ``min_top1`` is the older point-estimate form
+        (agreement >= ``min_top1``); a detector's ``target_drop`` is ``1 - min_f1``."""
+        if task == "detection" and target_drop is not None:
+            min_f1 = 1.0 - target_drop
+        if min_top1 is not None and target_drop is None:
+            target_drop, confidence = 1.0 - min_top1, 0.5 if confidence is None else confidence
+        return cls(
+            task=task,
+            target_drop=DEFAULT_TARGET_DROP if target_drop is None else target_drop,
+            confidence=DEFAULT_CONFIDENCE if confidence is None else confidence,
+            min_f1=DEFAULT_MIN_F1 if min_f1 is None else min_f1,
+        )
+
     def describe(self, labels: bool = False) -> str:
         if self.task == "detection":
             return f"F1 vs FP32 detections >= {self.min_f1:g}"

@@ -202,7 +202,7 @@ def plan(
     labels=None,
     task: str = "classification",
     detection: Mapping | None = None,
-    min_f1: float = _planner.DEFAULT_MIN_F1,
+    min_f1: float | None = None,
     exclude_precision: str = "fp16",
     target: str = "tensorrt",
     max_excluded: int | None = None,
@@ -219,14 +219,7 @@ def plan(
     older ``min_top1`` is the point-estimate form (top-1 agreement >= ``min_top1``);
     detectors: F1 against the FP32 detections >= ``min_f1``. ``data``: held-out data.
     """
-    if min_top1 is not None and target_drop is None:
-        target_drop, confidence = 1.0 - min_top1, 0.5 if confidence is None else confidence
-    budget = _planner.Budget(
-        task=task,
-        target_drop=_planner.DEFAULT_TARGET_DROP if target_drop is None else target_drop,
-        confidence=_planner.DEFAULT_CONFIDENCE if confidence is None else confidence,
-        min_f1=min_f1,
-    )
+    budget = _planner.Budget.from_options(task, target_drop, confidence, min_f1, min_top1)
     order = [r.layer for r in report.rows]
     return _planner.grow(order, model, amax, data, budget, labels=labels, detection=detection,
                          exclude_precision=exclude_precision, target=target, max_excluded=max_excluded,
