@@ -1,4 +1,4 @@
-"""Command-line front end of ``calib`` (``tegrad calibrate | quantize | sensitivity | cache | evaluate``).
+"""Command-line front end of ``calib`` (``tegrad calibrate | quantize | sensitivity | cache | evaluate | plan``).
 
 ``register(subparsers)`` adds the subcommands to the daemon's argparse parser;
 each sets ``func`` to a function ``(args) -> int`` (the exit code). ``main``
@@ -204,7 +204,15 @@ def _task(args: argparse.Namespace) -> str:
 
 def _detection(args: argparse.Namespace) -> dict[str, Any] | None:
     config = _model_config(args)
-    return dict(config.detection) if config and config.detection else None
+    params = dict(config.detection) if config and config.detection else {}
+    # --score-threshold / --iou-threshold / --match-iou (calib.plan_cli) win over [postprocess].
+    for key in ("score_threshold", "iou_threshold", "match_iou"):
+        value = getattr(args, key, None)
+        if value is not None:
+            if not 0.0 <= value <= 1.0:
+                raise _UsageError(f"--{key.replace('_', '-')} {value} must be between 0 and 1")
+            params[key] = value
+    return params or None
 
 
 def _data_source(args: argparse.Namespace, spec: PreprocessSpec | None) -> Any:
@@ -425,13 +433,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     report = sensitivity.analyze(args.model, cache.amax, data, max_samples=args.max_samples,
                                  method=args.method, task=task, target=args.target,
                                  progress=not args.no_progress, detection=_detection(args))
-    plan = sensitivity.plan(report, args.model, cache.amax, data, min_top1=args.min_top1, labels=labels,
-                            task=task, target=args.target, exclude_precision=args.exclude_precision,
-                            detection=_detection(args))
+    from calib import plan_cli
+
+    budget = plan_cli.budget_from_args(args, task)
+    plan = sensitivity.plan(report, args.model, cache.amax, data, labels=labels, task=task, target=args.target,
+                            exclude_precision=args.exclude_precision, detection=_detection(args),
+                            target_drop=budget.target_drop, confidence=budget.confidence, min_f1=budget.min_f1,
+                            progress=not args.no_progress, speed_batch=next(iter(data)))
     print(report.to_table())
     excluded = list(plan.excluded)
-    print(f"\nsuggested exclusion: {len(excluded)} of {plan.total_layers} layers out of INT8, "
-          f"{plan.int8_layers} stay INT8; budget {'met' if plan.met else 'NOT met'} ({plan.achieved})")
+    print(f"\nsuggested exclusion: {plan.summary()}")
     if excluded:
         print("  tegrad quantize --precision mixed " + " ".join(f"--exclude '{n}'" for n in excluded))
     if args.json:
@@ -498,16 +509,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     data = _feeds(args, args.reference, spec)
     labels = _load_labels(args.labels, data.source) if args.labels else None
-    result = evaluate.evaluate(args.reference, args.candidate, data, labels=labels, task=_task(args),
+    task = _task(args)
+    result = evaluate.evaluate(args.reference, args.candidate, data, labels=labels, task=task,
                                detection=_detection(args))
     doc = result.as_dict()
+    verdict = _evaluate_verdict(args, task, result)
+    if verdict is not None:
+        doc["budget"] = verdict
     text = json.dumps(doc, indent=2, default=float)
     print(text)
     if args.json:
         from calib.cache import atomic_write_text
 
         atomic_write_text(args.json, text + "\n")
+    if verdict is not None and not verdict["met"]:
+        print(f"tegrad evaluate: {verdict['text']}: NOT met", file=sys.stderr)
+        return 3
     return 0
+
+
+def _evaluate_verdict(args: argparse.Namespace, task: str, result: Any) -> dict[str, Any] | None:
+    """With --min-f1 (detection) or --target-drop (classification): whether the candidate meets it."""
+    from calib import plan_cli
+
+    if task == "detection" and args.min_f1 is None and args.target_drop is None:
+        return None
+    if task == "classification" and args.target_drop is None:
+        return None
+    budget = plan_cli.budget_from_args(args, task)
+    if task == "detection":
+        return {"text": budget.describe(), "met": bool((result.f1 or 0.0) >= budget.min_f1)}
+    # The bound needs per-sample outcomes; evaluate keeps aggregates, so judge the point estimate
+    # of the drop (1 - agreement, or accuracy points with labels) here.
+    drop = (result.accuracy_reference - result.accuracy_candidate) if result.accuracy_reference is not None \
+        else 1.0 - (result.top1_agreement or 0.0)
+    return {"text": f"drop {drop * 100:.1f} points <= {budget.target_drop * 100:g}", "drop": drop,
+            "met": bool(drop <= budget.target_drop + 1e-12)}
 
 
 # ---- wiring --------------------------------------------------------------------------------------
@@ -580,15 +617,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-samples", type=int, default=None, help="samples used to rank layers")
     p.add_argument("--method", choices=("single", "complement"), default="single",
                    help="quantize only this layer (single) or all but this layer (complement)")
-    p.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement with FP32 the plan must keep")
+    p.add_argument("--min-top1", type=float, default=None,
+                   help="older budget: top-1 agreement with FP32 the plan must keep (point estimate; "
+                        "default: --target-drop)")
     p.add_argument("--labels", help="labels (.npy, .csv filename,class, or one integer per line): "
-                                    "budget becomes relative accuracy drop")
+                                    "budget becomes accuracy points lost")
     p.add_argument("--task", choices=("classification", "detection"), default=None,
                    help="default: detection for a --config with [postprocess] kind = 'yolo', else classification")
     p.add_argument("--target", choices=("tensorrt", "cpu"), default="tensorrt")
     p.add_argument("--exclude-precision", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    _plan_flags().add_budget_options(p)
+    _plan_flags().add_detection_options(p)
     p.set_defaults(func=_wrap(cmd_sensitivity, "sensitivity"))
 
     p = subparsers.add_parser("cache", help="calibration cache tools")
@@ -611,7 +652,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--task", choices=("classification", "detection"), default=None,
                    help="default: detection for a --config with [postprocess] kind = 'yolo', else classification")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    _plan_flags().add_budget_options(p, min_f1_default=None)
+    _plan_flags().add_detection_options(p)
     p.set_defaults(func=_wrap(cmd_evaluate, "evaluate"))
+
+    _plan_flags().register(subparsers)
+
+
+def _plan_flags() -> Any:
+    from calib import plan_cli
+
+    return plan_cli
 
 
 def _require_data(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from . import lower as _lower
+from . import planner as _planner
 from . import qdq as _qdq
 from .evaluate import EvalResult, compare_outputs, detection_defaults, run_batches
 from .graph import ensure_node_names, ensure_opset, fold_constants, load
@@ -85,24 +86,8 @@ class SensitivityReport:
         }
 
 
-@dataclass
-class Plan:
-    excluded: list[str]
-    int8_layers: int
-    total_layers: int
-    achieved: dict
-    met: bool
-    history: list[dict] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return {
-            "excluded": list(self.excluded),
-            "int8_layers": self.int8_layers,
-            "total_layers": self.total_layers,
-            "achieved": dict(self.achieved),
-            "met": self.met,
-            "history": list(self.history),
-        }
+# The plan's type lives with the planner; kept under this name for callers of plan().
+Plan = _planner.PrecisionPlan
 
 
 def _take(data: Iterable, max_samples: int | None) -> list:
@@ -213,49 +198,29 @@ def plan(
     model: onnx.ModelProto | str | os.PathLike,
     amax: Mapping[str, float],
     data: Iterable,
-    min_top1: float = 0.99,
-    max_rel_acc_drop: float | None = None,
+    min_top1: float | None = None,
     labels=None,
     task: str = "classification",
     detection: Mapping | None = None,
-    min_f1: float = 0.95,
+    min_f1: float | None = None,
     exclude_precision: str = "fp16",
     target: str = "tensorrt",
     max_excluded: int | None = None,
+    target_drop: float | None = None,
+    confidence: float | None = None,
+    search: str = "bisect",
+    progress: bool = False,
+    speed_batch=None,
 ) -> Plan:
-    """Leave the most sensitive layers out of INT8, one at a time, until the budget holds.
+    """Leave the shortest prefix of the report's ranking out of INT8 that meets the budget.
 
-    Budget: with ``labels``, relative accuracy drop ≤ ``max_rel_acc_drop`` (default 1 %);
-    otherwise top-1 agreement with FP32 ≥ ``min_top1``; for detectors F1 against the FP32
-    detections ≥ ``min_f1``. Each step lowers and evaluates the whole mixed model on
-    ``data`` (use held-out data, not the calibration set).
+    See :mod:`calib.planner`. Budget: ``target_drop`` top-1 points against FP32 (accuracy
+    points with ``labels``) at ``confidence`` (defaults: 2 points, 80 % upper bound); the
+    older ``min_top1`` is the point-estimate form (top-1 agreement >= ``min_top1``);
+    detectors: F1 against the FP32 detections >= ``min_f1``. ``data``: held-out data.
     """
-    base = _prepared(model)
-    if task == "detection":
-        detection = detection_defaults(base, detection)
-    batches = list(data)
-    total = len(quantizable_layers(base))
-    if labels is not None and max_rel_acc_drop is None:
-        max_rel_acc_drop = 0.01
-    reference = run_batches(base, batches)
-
-    def check(excluded: list[str]) -> tuple[bool, EvalResult]:
-        graph = _int8_graph(base, amax, excluded, target, exclude_precision if excluded else None)
-        r = compare_outputs(reference, run_batches(graph, batches), labels=labels, task=task, detection=detection)
-        if task == "detection":
-            return (r.f1 or 0.0) >= min_f1, r
-        if labels is not None:
-            return (r.accuracy_drop or 0.0) <= max_rel_acc_drop, r
-        return (r.top1_agreement or 0.0) >= min_top1, r
-
-    excluded: list[str] = []
-    history = []
-    ok, result = check(excluded)
-    history.append({"excluded": 0, **result.as_dict()})
+    budget = _planner.Budget.from_options(task, target_drop, confidence, min_f1, min_top1)
     order = [r.layer for r in report.rows]
-    limit = len(order) if max_excluded is None else min(max_excluded, len(order))
-    while not ok and len(excluded) < limit:
-        excluded.append(order[len(excluded)])
-        ok, result = check(excluded)
-        history.append({"excluded": len(excluded), "layer": excluded[-1], **result.as_dict()})
-    return Plan(excluded, total - len(excluded), total, result.as_dict(), ok, history)
+    return _planner.grow(order, model, amax, data, budget, labels=labels, detection=detection,
+                         exclude_precision=exclude_precision, target=target, max_excluded=max_excluded,
+                         search=search, progress=progress, speed_batch=speed_batch)
