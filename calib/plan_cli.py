@@ -191,19 +191,43 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from calib.observe import observe
 
         algorithm = args.algorithm
+        split = None
+        if algorithm == "auto":
+            from calib import auto_algorithm
+
+            # The calibration data's own held-out part chooses the algorithm; --data stays unseen
+            # until the plain-INT8 measurement.
+            split = auto_algorithm.split_source(calib_source, auto_algorithm.HELD_OUT_FRACTION)
+            if split is None:
+                algorithm = auto_algorithm.FALLBACK
+                _say(f"note: {len(calib_source)} calibration samples are too few for --algorithm auto; using {algorithm}")
         _say(f"[1/4] calibrating ({algorithm}) on {len(calib_source)} samples")
         t0 = time.perf_counter()
-        obs = observe(args.model, calib_source, batch_size=feeds.batch_size, input_name=feeds.input_name,
-                      histogram=algorithm != "max", progress=progress)
-        amax = algorithms.compute_all(obs, algorithm)
-        steps["calibration"] = {"algorithm": algorithm, "samples": obs.num_samples,
+        obs = observe(args.model, split.ranges if split is not None else calib_source, batch_size=feeds.batch_size,
+                      input_name=feeds.input_name, histogram=algorithm != "max", progress=progress)
+        params: dict[str, Any] = {}
+        selection = None
+        if split is not None:
+            import onnx
+
+            held = auto_algorithm.model_batches(onnx.load(args.model, load_external_data=False), split.held_out,
+                                                feeds.input_name, feeds.batch_size)
+            choice = auto_algorithm.choose(args.model, obs, held, task=task, detection=detection, progress=progress)
+            _say(choice.to_table())
+            amax, algorithm, params = choice.amax, choice.chosen.algorithm, dict(choice.chosen.params)
+            selection = choice.as_metadata()
+        else:
+            amax = algorithms.compute_all(obs, algorithm)
+        steps["calibration"] = {"algorithm": algorithm, "params": params, "samples": obs.num_samples,
                                 "seconds": time.perf_counter() - t0}
         if args.cache_out:
             provenance = dict(obs.source or {})
             provenance["model"] = os.fspath(args.model)
-            cache = CalibrationCache(amax=amax, algorithm=algorithm, params=algorithms.resolved_params(algorithm),
+            cache = CalibrationCache(amax=amax, algorithm=algorithm,
+                                     params=algorithms.resolved_params(algorithm, **params),
                                      num_samples=obs.num_samples, model_sha256=obs.model_sha256,
-                                     preprocess=spec.to_dict() if spec is not None else None, source=provenance)
+                                     preprocess=spec.to_dict() if spec is not None else None, source=provenance,
+                                     selection=selection)
             atomic_write_text(args.cache_out, cache.to_json())
             steps["calibration"]["cache"] = os.fspath(args.cache_out)
             _say(f"wrote {args.cache_out}")
@@ -337,7 +361,9 @@ def register(subparsers: Any) -> None:
     c.add_argument("--calib-data", metavar="PATH", help="calibrate on these (preprocessed as --data)")
     c.add_argument("--holdout", type=float, default=0.5, metavar="F",
                    help="without --cache/--calib-data: share of --data held out for measurement (default 0.5)")
-    c.add_argument("--algorithm", choices=_cli.ALGORITHMS, default="entropy", help="amax selection (default entropy)")
+    c.add_argument("--algorithm", choices=("auto",) + _cli.ALGORITHMS, default="auto",
+                   help="amax selection (default auto: each algorithm scored on a held-out part of the calibration "
+                        "data, as tegrad calibrate)")
     c.add_argument("--cache-out", metavar="PATH", help="write the calibration cache made here")
     c.add_argument("--no-check", action="store_true", help="skip the model-hash check of --cache")
     add_budget_options(p)
