@@ -299,3 +299,96 @@ def choose(
     return Choice(task=task, chosen=best, candidates=scores, amax=amaxes[best.name],
                   range_samples=observations.num_samples, held_out_samples=samples,
                   seconds=time.perf_counter() - start)
+
+
+# ---- one calibration, fixed or auto -------------------------------------------------------------
+@dataclass
+class Calibration:
+    """The outcome of :func:`calibrate`: ranges, the algorithm they came from, and how it was chosen."""
+
+    observations: Observations
+    amax: dict[str, float]
+    algorithm: str
+    params: dict[str, Any]
+    choice: Choice | None = None
+
+    def describe(self) -> str:
+        if self.choice is None:
+            return self.algorithm
+        return f"{self.choice.chosen.name} (chosen by --algorithm auto)"
+
+    def cache(self, model: str | os.PathLike[str], preprocess: Mapping[str, Any] | None = None,
+              created: str | None = None):
+        """The portable calibration cache of these ranges."""
+        from calib.cache import CalibrationCache
+
+        provenance = dict(self.observations.source or {})
+        provenance["model"] = os.fspath(model)
+        return CalibrationCache(
+            amax=self.amax,
+            algorithm=self.algorithm,
+            params=algorithms.resolved_params(self.algorithm, **self.params),
+            num_samples=self.observations.num_samples,
+            model_sha256=self.observations.model_sha256,
+            preprocess=dict(preprocess) if preprocess is not None else None,
+            source=provenance,
+            created=created,
+            selection=self.choice.as_metadata() if self.choice is not None else None,
+        )
+
+
+def calibrate(
+    model: str | os.PathLike[str],
+    source: DataSource | None,
+    algorithm: str = "auto",
+    *,
+    params: Mapping[str, Any] | None = None,
+    fraction: float = HELD_OUT_FRACTION,
+    input_name: str | None = None,
+    batch_size: int = 8,
+    task: str = "classification",
+    detection: Mapping[str, Any] | None = None,
+    observations: Observations | None = None,
+    keep_histograms: bool = False,
+    progress: bool = True,
+    note=lambda text: None,
+    show=lambda text: None,
+) -> Calibration:
+    """Observe ``source`` and compute amax with ``algorithm`` (``"auto"``: choose it on a held-out split).
+
+    The one calibration path of ``tegrad calibrate``, ``tegrad plan`` and ``bundle create``.
+    ``observations`` (already collected on the range samples) skips the observation pass; auto
+    still needs ``source`` for its held-out part. ``note`` receives one-line remarks (a fallback,
+    mismatched observations), ``show`` the candidates' table.
+    """
+    from calib.observe import observe
+
+    params = dict(params or {})
+    split = None
+    if algorithm == "auto":
+        if source is None:
+            raise ValueError("--algorithm auto scores each algorithm on held-out samples of the data: give the data "
+                             "(with saved observations, the data they came from), or choose an algorithm")
+        split = split_source(source, fraction)
+        if split is None:
+            algorithm = FALLBACK
+            note(f"{source.num_samples} samples are too few to hold some out (--algorithm auto needs "
+                 f"{MIN_SAMPLES}); using {algorithm}")
+    if observations is not None:
+        if split is not None and observations.num_samples != len(split.range_indices):
+            note(f"the saved observations hold {observations.num_samples} samples, not the {len(split.range_indices)} "
+                 "that --algorithm auto keeps for ranges: if they include the held-out ones, the held-out scores "
+                 "are optimistic")
+    else:
+        if source is None:
+            raise ValueError("no calibration data")
+        observations = observe(model, split.ranges if split is not None else source, batch_size=batch_size,
+                               input_name=input_name, histogram=algorithm != "max" or keep_histograms,
+                               progress=progress)
+    if split is None:
+        return Calibration(observations, algorithms.compute_all(observations, algorithm, **params), algorithm, params)
+    held = model_batches(onnx.load(os.fspath(model), load_external_data=False), split.held_out, input_name,
+                         batch_size)
+    choice = choose(model, observations, held, task=task, detection=detection, progress=progress)
+    show(choice.to_table())
+    return Calibration(observations, choice.amax, choice.chosen.algorithm, dict(choice.chosen.params), choice)

@@ -272,9 +272,9 @@ def _default_out(model: str, suffix: str) -> Path:
 
 # ---- calibrate -----------------------------------------------------------------------------------
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from calib import algorithms
-    from calib.cache import CalibrationCache, atomic_write_text
-    from calib.observe import Observations, observe
+    from calib import auto_algorithm
+    from calib.cache import atomic_write_text
+    from calib.observe import Observations
 
     spec = spec_from_args(args)
     method = args.algorithm
@@ -287,69 +287,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise _UsageError("--held-out only applies to --algorithm auto")
     # With --observations, a fixed algorithm needs no data; auto needs it for the held-out part.
     source = _data_source(args, spec) if args.data and (method == "auto" or not args.observations) else None
-    split = None
-    if method == "auto":
-        from calib import auto_algorithm
-
-        if source is None:
-            raise _UsageError("--algorithm auto scores each algorithm on held-out samples of --data: give --data "
-                              "(with --observations, the data they came from), or choose an --algorithm")
-        split = auto_algorithm.split_source(
-            source, auto_algorithm.HELD_OUT_FRACTION if args.held_out is None else args.held_out)
-        if split is None:
-            method = auto_algorithm.FALLBACK
-            print(f"note: {source.num_samples} samples are too few to hold some out "
-                  f"(--algorithm auto needs {auto_algorithm.MIN_SAMPLES}); using {method}", file=sys.stderr)
+    if method == "auto" and source is None:
+        raise _UsageError("--algorithm auto scores each algorithm on held-out samples of --data: give --data "
+                          "(with --observations, the data they came from), or choose an --algorithm")
+    obs = None
     if args.observations:
-        obs = Observations.load(args.observations)
         from calib.cache import model_sha256
 
+        obs = Observations.load(args.observations)
         if obs.model_sha256 != model_sha256(args.model):
             raise _UsageError(f"{args.observations} was collected on another model")
-        if split is not None and obs.num_samples != len(split.range_indices):
-            print(f"note: {args.observations} holds {obs.num_samples} samples, not the {len(split.range_indices)} "
-                  f"that --algorithm auto keeps for ranges: if they include the held-out ones, the held-out "
-                  f"scores are optimistic", file=sys.stderr)
-    else:
-        obs = observe(
-            args.model,
-            split.ranges if split is not None else source,
-            batch_size=args.batch_size,
-            input_name=_input_name(args),
-            histogram=method != "max" or bool(args.save_observations),
-            progress=not args.no_progress,
-        )
-        if args.save_observations:
-            obs.save(args.save_observations)
-    choice = None
-    if split is not None:
-        import onnx
-
-        held = auto_algorithm.model_batches(onnx.load(args.model, load_external_data=False), split.held_out,
-                                            _input_name(args), args.batch_size)
-        choice = auto_algorithm.choose(args.model, obs, held, task=_task(args), detection=_detection(args),
-                                       progress=not args.no_progress)
-        print(choice.to_table())
-        amax, method, params = choice.amax, choice.chosen.algorithm, dict(choice.chosen.params)
-    else:
-        amax = algorithms.compute_all(obs, method, **params)
-    provenance = dict(obs.source or {})
-    provenance["model"] = os.fspath(args.model)
-    cache = CalibrationCache(
-        amax=amax,
-        algorithm=method,
-        params=algorithms.resolved_params(method, **params),
-        num_samples=obs.num_samples,
-        model_sha256=obs.model_sha256,
-        preprocess=spec.to_dict() if spec is not None else None,
-        source=provenance,
-        selection=choice.as_metadata() if choice is not None else None,
-    )
+    result = auto_algorithm.calibrate(
+        args.model, source, method, params=params,
+        fraction=auto_algorithm.HELD_OUT_FRACTION if args.held_out is None else args.held_out,
+        input_name=_input_name(args), batch_size=args.batch_size, task=_task(args), detection=_detection(args),
+        observations=obs, keep_histograms=bool(args.save_observations), progress=not args.no_progress,
+        note=lambda text: print(f"note: {text}", file=sys.stderr), show=print)
+    if args.save_observations and obs is None:
+        result.observations.save(args.save_observations)
+    cache = result.cache(args.model, spec.to_dict() if spec is not None else None)
     out = Path(args.out) if args.out else _default_out(args.model, ".calib.json")
     atomic_write_text(out, cache.to_json())
-    how = f"{choice.chosen.name} (chosen by --algorithm auto)" if choice is not None else method
-    held = f" (+{choice.held_out_samples} held out)" if choice is not None else ""
-    print(f"wrote {out}: {len(amax)} tensors, {how}, {obs.num_samples} samples{held}")
+    held = f" (+{result.choice.held_out_samples} held out)" if result.choice is not None else ""
+    print(f"wrote {out}: {len(result.amax)} tensors, {result.describe()}, {result.observations.num_samples} "
+          f"samples{held}")
     if args.trt_out:
         atomic_write_text(args.trt_out, cache.to_trt_text(trt_version=args.trt_version))
         print(f"wrote {args.trt_out} (TensorRT calibration cache)")

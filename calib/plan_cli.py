@@ -137,7 +137,7 @@ def _say(text: str) -> None:
 
 # ---- the command --------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
-    from calib import algorithms, sensitivity
+    from calib import sensitivity
     from calib.cache import CalibrationCache, atomic_write_text
     from calib.datasets import as_source
     from calib.evaluate import detection_defaults, run_batches
@@ -188,46 +188,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         steps["calibration"] = {"cache": os.fspath(args.cache), "algorithm": algorithm,
                                 "samples": cache.num_samples}
     else:
-        from calib.observe import observe
+        from calib import auto_algorithm
 
-        algorithm = args.algorithm
-        split = None
-        if algorithm == "auto":
-            from calib import auto_algorithm
-
-            # The calibration data's own held-out part chooses the algorithm; --data stays unseen
-            # until the plain-INT8 measurement.
-            split = auto_algorithm.split_source(calib_source, auto_algorithm.HELD_OUT_FRACTION)
-            if split is None:
-                algorithm = auto_algorithm.FALLBACK
-                _say(f"note: {len(calib_source)} calibration samples are too few for --algorithm auto; using {algorithm}")
-        _say(f"[1/4] calibrating ({algorithm}) on {len(calib_source)} samples")
+        _say(f"[1/4] calibrating ({args.algorithm}) on {len(calib_source)} samples")
         t0 = time.perf_counter()
-        obs = observe(args.model, split.ranges if split is not None else calib_source, batch_size=feeds.batch_size,
-                      input_name=feeds.input_name, histogram=algorithm != "max", progress=progress)
-        params: dict[str, Any] = {}
-        selection = None
-        if split is not None:
-            import onnx
-
-            held = auto_algorithm.model_batches(onnx.load(args.model, load_external_data=False), split.held_out,
-                                                feeds.input_name, feeds.batch_size)
-            choice = auto_algorithm.choose(args.model, obs, held, task=task, detection=detection, progress=progress)
-            _say(choice.to_table())
-            amax, algorithm, params = choice.amax, choice.chosen.algorithm, dict(choice.chosen.params)
-            selection = choice.as_metadata()
-        else:
-            amax = algorithms.compute_all(obs, algorithm)
-        steps["calibration"] = {"algorithm": algorithm, "params": params, "samples": obs.num_samples,
-                                "seconds": time.perf_counter() - t0}
+        # auto chooses on the calibration data's own held-out part: --data stays unseen until step 2.
+        result = auto_algorithm.calibrate(args.model, calib_source, args.algorithm, input_name=feeds.input_name,
+                                          batch_size=feeds.batch_size, task=task, detection=detection,
+                                          progress=progress, note=lambda text: _say(f"note: {text}"), show=_say)
+        amax, algorithm = result.amax, result.algorithm
+        steps["calibration"] = {"algorithm": algorithm, "params": result.params,
+                                "samples": result.observations.num_samples, "seconds": time.perf_counter() - t0}
         if args.cache_out:
-            provenance = dict(obs.source or {})
-            provenance["model"] = os.fspath(args.model)
-            cache = CalibrationCache(amax=amax, algorithm=algorithm,
-                                     params=algorithms.resolved_params(algorithm, **params),
-                                     num_samples=obs.num_samples, model_sha256=obs.model_sha256,
-                                     preprocess=spec.to_dict() if spec is not None else None, source=provenance,
-                                     selection=selection)
+            cache = result.cache(args.model, spec.to_dict() if spec is not None else None)
             atomic_write_text(args.cache_out, cache.to_json())
             steps["calibration"]["cache"] = os.fspath(args.cache_out)
             _say(f"wrote {args.cache_out}")

@@ -241,7 +241,8 @@ def register(subparsers: Any) -> None:
     for t in _THRESHOLDS:
         c.add_argument(f"--{t.replace('_', '-')}", dest=t, type=float, help="override the task's default")
     c.add_argument("--calibrate-data", metavar="NPY|NPZ", help="calibrate on these inputs when no cache is given")
-    c.add_argument("--calibrate-algorithm", choices=("max", "entropy", "percentile", "mse"), default="entropy")
+    c.add_argument("--calibrate-algorithm", choices=("auto", "max", "entropy", "percentile", "mse"), default="auto",
+                   help="as tegrad calibrate's --algorithm (default: %(default)s)")
     c.add_argument("--min-tegrad-version", help="oldest tegrad that may install it (default: this one)")
     c.add_argument("--created", metavar="YYYY-MM-DDTHH:MM:SSZ",
                    help="timestamp to record (default: $SOURCE_DATE_EPOCH or now); fix it for identical bytes")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import itertools
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -65,6 +66,8 @@ from daemon.rollout.manifest import (
     validation_for,
     version_tuple,
 )
+
+log = logging.getLogger("tegrad.rollout")
 
 
 def _utc_now() -> str:
@@ -204,21 +207,14 @@ def _reference_outputs(model_path: Path, feeds: dict[str, np.ndarray]) -> tuple[
 
 
 def _calibrate(model_path: Path, data: Any, algorithm: str, created: str) -> bytes:
-    from calib import algorithms
-    from calib.cache import CalibrationCache
-    from calib.observe import observe
+    from calib import auto_algorithm
+    from calib.datasets import IterableSource, as_source
 
-    obs = observe(model_path, data, batch_size=8, histogram=algorithm != "max", progress=False)
-    cache = CalibrationCache(
-        amax=algorithms.compute_all(obs, algorithm),
-        algorithm=algorithm,
-        params=algorithms.resolved_params(algorithm),
-        num_samples=obs.num_samples,
-        model_sha256=obs.model_sha256,
-        source=dict(obs.source or {}),
-        created=created,
-    )
-    return cache.to_json().encode("utf-8")
+    # A stack of samples as single samples: auto's held-out split needs to know how many there are.
+    source = IterableSource(list(data)) if isinstance(data, np.ndarray) else as_source(data)
+    result = auto_algorithm.calibrate(model_path, source, algorithm, progress=False,
+                                      note=lambda text: log.info("bundle calibration: %s", text))
+    return result.cache(model_path, created=created).to_json().encode("utf-8")
 
 
 def _cache_member(config: ModelConfig, data: bytes) -> str:
@@ -291,7 +287,7 @@ def create(
     golden_scale: float | None = None,
     validation: Validation | Mapping[str, Any] | None = None,
     calibrate_data: Any = None,
-    calibrate_algorithm: str = "entropy",
+    calibrate_algorithm: str = "auto",
     min_tegrad_version: str | None = None,
     created: str | None = None,
 ) -> Manifest:
