@@ -8,7 +8,10 @@ models alike, because it only looks at Q/DQ nodes, not at how they came to be:
 
 * Q/DQ get FP16 scales (opset 19): the DQ output type follows the scale type, so an INT8
   Conv reads FP16 from its DQ and TensorRT fuses DQ→Conv→(Q) into one INT8 kernel with FP16
-  in- and output, where FP32 scales would need a Cast between DQ and the layer.
+  in- and output, where FP32 scales would need a Cast between DQ and the layer. (ModelOpt's
+  ``high_precision_dtype="fp16"`` converts the scales to FP16 as well.) Scales below FP16's
+  normal range are raised to its smallest normal, and a constant weight behind such a scale is
+  re-quantized onto it.
 * Every other float node runs FP16 (weights, biases and constants converted), the model's
   inputs and outputs keep their declared types through Casts at the edges.
 * ``keep_fp32`` names nodes that stay FP32 (the user's ``exclude_precision = "fp32"``).
@@ -142,8 +145,33 @@ def _scales_to_fp16(model: onnx.ModelProto) -> None:
             # Below FP16's normal range the scale would lose its digits (and 0 is illegal).
             half = np.clip(value.astype(np.float32), _FP16_TINY, _FP16_MAX).astype(np.float16)
             done[name] = g.add_initializer(f"{name}_fp16", half)
+        if node.op_type == "DequantizeLinear" and g.is_constant(node.input[0]):
+            _requantize_weight(g, node, g.constant(name), g.constant(done[name]))
         node.input[1] = done[name]
     prune(model)
+
+
+def _requantize_weight(g: Graph, dq: onnx.NodeProto, scale: np.ndarray, half: np.ndarray) -> None:
+    """Re-quantize a constant weight onto its FP16 scale where that scale had to be raised.
+
+    Per-channel scales of near-dead channels (EfficientNet-Lite0 has 128, down to 6e-12) lie below
+    FP16's smallest normal (6.1e-5); raised to it, they would multiply the channel's old integers
+    by up to 10^7 and turn weights of 1e-9 into ±0.008. Re-quantized on the raised grid, every
+    weight keeps its value within half a step (3e-5).
+    """
+    raised = half.astype(np.float64) > scale.astype(np.float64) * (1 + 2**-10)  # more than FP16 rounding
+    if not np.any(raised) or scale.ndim > 1:
+        return
+    q = g.constant(dq.input[0])
+    zero = g.constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(scale.shape, q.dtype)
+    shape = [1] * q.ndim
+    if scale.size > 1:
+        shape[int(node_attr(dq, "axis", 1)) % q.ndim] = -1
+    z = zero.astype(np.float64).reshape(shape)
+    w = (q.astype(np.float64) - z) * scale.astype(np.float64).reshape(shape)
+    # |w| / raised scale <= |q - z|: the new integers stay in the old range
+    requant = (np.rint(w / half.astype(np.float64).reshape(shape)) + z).astype(q.dtype)
+    dq.input[0] = g.add_initializer(f"{dq.input[0]}_fp16_grid", requant)
 
 
 def type_census(model: onnx.ModelProto) -> dict[str, int]:
@@ -167,3 +195,4 @@ def fp32_compute_nodes(model: onnx.ModelProto) -> list[str]:
     types = tensor_types(model)
     return [f"{n.op_type} {n.name}" for n in model.graph.node
             if n.op_type not in _NOT_COMPUTE and any(types.get(o) == TensorProto.FLOAT for o in n.output if o)]
+
