@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto
 
 from .fp16 import TYPE_OPS, nodes_to_fp16
-from .graph import Graph, ensure_node_names, ensure_opset, node_attr, prune, tensor_types
+from .graph import WEIGHTED_OPS, Graph, ensure_node_names, ensure_opset, load, node_attr, prune, tensor_types
 
 #: DequantizeLinear takes its output type from an FP16 scale from opset 19 on.
 FP16_QDQ_OPSET = 19
@@ -196,3 +196,84 @@ def fp32_compute_nodes(model: onnx.ModelProto) -> list[str]:
     return [f"{n.op_type} {n.name}" for n in model.graph.node
             if n.op_type not in _NOT_COMPUTE and any(types.get(o) == TensorProto.FLOAT for o in n.output if o)]
 
+
+#: Pointwise ops TensorRT runs in the epilogue of the INT8 kernel before them (activation, residual).
+_EPILOGUE_OPS = frozenset({"Clip", "Relu", "Add"})
+
+
+def emulate_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An FP16-glue graph as TensorRT computes it, in a form ONNX Runtime's FP32 kernels run.
+
+    ONNX Runtime on x86 has no FP16 Conv: it casts around each FP16 node and rounds every node's
+    output to FP16, including the Conv outputs right before their QuantizeLinear. TensorRT fuses
+    DQ → Conv/Gemm → Clip/Relu/Add → Q into one INT8 kernel (int32 accumulation, the scales applied
+    in its epilogue): those tensors never exist in FP16 there. Each FP16 rounding moves a value by
+    up to 2^-11 of itself, and next to a rounding boundary of the following Q that flips its INT8
+    code, so the extra roundings cost agreement that the engine does not lose. This copy keeps
+    every FP16 value of ``model`` (scales, biases, constants: same numbers, FP32 type) and rounds
+    to FP16 exactly where TensorRT writes an FP16 tensor: the output of every node except the
+    inside of those fused chains. It is for measuring only; TensorRT gets ``model`` itself.
+    """
+    m = load(model)
+    g = Graph(m)
+    types = tensor_types(m)
+    hidden = _fused_tensors(g)
+    for i, t in enumerate(m.graph.initializer):
+        if t.data_type == TensorProto.FLOAT16:
+            m.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float32), t.name))
+    nodes: list[onnx.NodeProto] = []
+    for node in m.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT16:
+                    attr.t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(attr.t).astype(np.float32)))
+            nodes.append(node)
+            continue
+        nodes.append(node)
+        for o, name in enumerate(node.output):
+            if not name or types.get(name) != TensorProto.FLOAT16 or name in hidden:
+                continue
+            # x → FP16 → FP32 is the rounding TensorRT does when it writes ``name`` as FP16.
+            half = node.output[o] = g.unique(f"{name}_rounded")
+            if node.op_type != "Cast":  # a Cast to FP16 rounds by itself
+                raw = node.output[o] = g.unique(f"{name}_unrounded")
+                nodes.append(onnx.helper.make_node("Cast", [raw], [half], name=g.unique(f"{name}_round"), to=TensorProto.FLOAT16))
+            nodes.append(onnx.helper.make_node("Cast", [half], [name], name=g.unique(f"{name}_widen"), to=TensorProto.FLOAT))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.graph.value_info[:]
+    for value in list(m.graph.input) + list(m.graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    return m
+
+
+def _fused_tensors(g: Graph) -> set[str]:
+    """Tensors that live only inside TensorRT's fused INT8 kernels (DQ → weighted op → epilogue → Q)."""
+    hidden: set[str] = set()
+    int8_reads: set[tuple[int, str]] = set()  # (node, input) pairs a fused kernel reads as INT8
+    for node in g.graph.node:
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
+            continue
+        producers = [g.producer.get(name) for name in node.input[:2]]
+        if not all(p is not None and p.op_type == "DequantizeLinear" for p in producers):
+            continue
+        int8_reads.update((id(node), name) for name in node.input[:2])
+        cur = node.output[0]
+        while cur not in g.graph_outputs:
+            readers = g.consumers.get(cur, [])
+            if readers and all(r.op_type == "QuantizeLinear" for r in readers):
+                hidden.add(cur)  # the kernel writes INT8
+                break
+            if len(readers) != 1 or readers[0].op_type not in _EPILOGUE_OPS:
+                break
+            nxt = readers[0]
+            hidden.add(cur)
+            # the residual of a fused Add, when it comes dequantized, is read as INT8 too
+            int8_reads.update((id(nxt), name) for name in nxt.input if name != cur and name in g.producer
+                              and g.producer[name].op_type == "DequantizeLinear")
+            cur = nxt.output[0]
+    for name in {name for _, name in int8_reads}:
+        if name not in g.graph_outputs and all((id(r), name) in int8_reads for r in g.consumers.get(name, [])):
+            hidden.add(name)  # never dequantized to memory
+    return hidden

@@ -136,3 +136,26 @@ def test_weights_behind_a_raised_fp16_scale_are_requantized_onto_it():
     assert np.abs(y16[:, 1] - y32[:, 1]).max() < 1e-3  # the dead channel stays dead
     assert compare_outputs([y32], [y16]).cosine > 0.999
 
+
+def test_tensorrt_emulation_rounds_only_what_the_fused_int8_kernels_write(digits):
+    model, amax, batches = digits
+    fp16 = L.lower(model, "int8", amax, target="tensorrt", glue="fp16")
+    emulated = glue.emulate_tensorrt(fp16)
+    assert all(t.data_type != TensorProto.FLOAT16 for t in emulated.graph.initializer)
+    assert TensorProto.FLOAT16 not in {t for n, t in tensor_types(emulated).items()
+                                       if not n.endswith("_rounded")}  # FP16 only between a round trip's Casts
+    g16, ge = Graph(fp16), Graph(emulated)
+    rounded = {n.output[0] for n in emulated.graph.node if n.name.endswith("_widen")}
+    for node in fp16.graph.node:
+        if node.op_type != "Conv":
+            continue
+        # Conv → (Add) → Relu → Q is one INT8 kernel: nothing before its end is written in FP16
+        cur = node.output[0]
+        while [r.op_type for r in g16.consumers[cur]] in (["Add"], ["Relu"]):
+            assert cur not in rounded, cur
+            cur = g16.consumers[cur][0].output[0]
+        readers = {r.op_type for r in ge.consumers[cur]}
+        assert (cur in rounded) == (readers != {"QuantizeLinear"}), (cur, readers)
+    assert {fp16.graph.input[0].name + "_fp16", fp16.graph.output[0].name + "_fp16"} <= rounded
+    ref = run_batches(L.lower(model, "int8", amax, target="tensorrt", glue="fp32"), batches)
+    assert compare_outputs(ref, run_batches(emulated, batches)).cosine > 0.999
