@@ -207,12 +207,12 @@ def emulate_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
     ONNX Runtime on x86 has no FP16 Conv: it casts around each FP16 node and rounds every node's
     output to FP16, including the Conv outputs right before their QuantizeLinear. TensorRT fuses
     DQ → Conv/Gemm → Clip/Relu/Add → Q into one INT8 kernel (int32 accumulation, the scales applied
-    in its epilogue): those tensors never exist in FP16 there. Each FP16 rounding moves a value by
-    up to 2^-11 of itself, and next to a rounding boundary of the following Q that flips its INT8
-    code, so the extra roundings cost agreement that the engine does not lose. This copy keeps
-    every FP16 value of ``model`` (scales, biases, constants: same numbers, FP32 type) and rounds
-    to FP16 exactly where TensorRT writes an FP16 tensor: the output of every node except the
-    inside of those fused chains. It is for measuring only; TensorRT gets ``model`` itself.
+    in its epilogue): those tensors never exist in FP16 there. This copy keeps every FP16 value
+    of ``model`` (scales, biases, constants: the same numbers, FP32 type) and rounds to FP16
+    exactly where TensorRT writes an FP16 tensor: the output of every node except the inside of
+    those fused chains. Set against the plain ONNX Runtime run, it tells the cost of the FP16
+    values from the cost of ONNX Runtime's extra roundings. For measuring only: TensorRT gets
+    ``model`` itself.
     """
     m = load(model)
     g = Graph(m)
