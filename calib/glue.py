@@ -8,7 +8,10 @@ models alike, because it only looks at Q/DQ nodes, not at how they came to be:
 
 * Q/DQ get FP16 scales (opset 19): the DQ output type follows the scale type, so an INT8
   Conv reads FP16 from its DQ and TensorRT fuses DQ→Conv→(Q) into one INT8 kernel with FP16
-  in- and output, where FP32 scales would need a Cast between DQ and the layer.
+  in- and output, where FP32 scales would need a Cast between DQ and the layer. (ModelOpt's
+  ``high_precision_dtype="fp16"`` converts the scales to FP16 as well.) Scales below FP16's
+  normal range are raised to its smallest normal, and a constant weight behind such a scale is
+  re-quantized onto it.
 * Every other float node runs FP16 (weights, biases and constants converted), the model's
   inputs and outputs keep their declared types through Casts at the edges.
 * ``keep_fp32`` names nodes that stay FP32 (the user's ``exclude_precision = "fp32"``).
@@ -27,7 +30,7 @@ import onnx
 from onnx import TensorProto
 
 from .fp16 import TYPE_OPS, nodes_to_fp16
-from .graph import Graph, ensure_node_names, ensure_opset, node_attr, prune, tensor_types
+from .graph import WEIGHTED_OPS, Graph, ensure_node_names, ensure_opset, load, node_attr, prune, tensor_types
 
 #: DequantizeLinear takes its output type from an FP16 scale from opset 19 on.
 FP16_QDQ_OPSET = 19
@@ -142,8 +145,33 @@ def _scales_to_fp16(model: onnx.ModelProto) -> None:
             # Below FP16's normal range the scale would lose its digits (and 0 is illegal).
             half = np.clip(value.astype(np.float32), _FP16_TINY, _FP16_MAX).astype(np.float16)
             done[name] = g.add_initializer(f"{name}_fp16", half)
+        if node.op_type == "DequantizeLinear" and g.is_constant(node.input[0]):
+            _requantize_weight(g, node, g.constant(name), g.constant(done[name]))
         node.input[1] = done[name]
     prune(model)
+
+
+def _requantize_weight(g: Graph, dq: onnx.NodeProto, scale: np.ndarray, half: np.ndarray) -> None:
+    """Re-quantize a constant weight onto its FP16 scale where that scale had to be raised.
+
+    Per-channel scales of near-dead channels (EfficientNet-Lite0 has 128, down to 6e-12) lie below
+    FP16's smallest normal (6.1e-5); raised to it, they would multiply the channel's old integers
+    by up to 10^7 and turn weights of 1e-9 into ±0.008. Re-quantized on the raised grid, every
+    weight keeps its value within half a step (3e-5).
+    """
+    raised = half.astype(np.float64) > scale.astype(np.float64) * (1 + 2**-10)  # more than FP16 rounding
+    if not np.any(raised) or scale.ndim > 1:
+        return
+    q = g.constant(dq.input[0])
+    zero = g.constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(scale.shape, q.dtype)
+    shape = [1] * q.ndim
+    if scale.size > 1:
+        shape[int(node_attr(dq, "axis", 1)) % q.ndim] = -1
+    z = zero.astype(np.float64).reshape(shape)
+    w = (q.astype(np.float64) - z) * scale.astype(np.float64).reshape(shape)
+    # |w| / raised scale <= |q - z|: the new integers stay in the old range
+    requant = (np.rint(w / half.astype(np.float64).reshape(shape)) + z).astype(q.dtype)
+    dq.input[0] = g.add_initializer(f"{dq.input[0]}_fp16_grid", requant)
 
 
 def type_census(model: onnx.ModelProto) -> dict[str, int]:
@@ -167,3 +195,85 @@ def fp32_compute_nodes(model: onnx.ModelProto) -> list[str]:
     types = tensor_types(model)
     return [f"{n.op_type} {n.name}" for n in model.graph.node
             if n.op_type not in _NOT_COMPUTE and any(types.get(o) == TensorProto.FLOAT for o in n.output if o)]
+
+
+#: Pointwise ops TensorRT runs in the epilogue of the INT8 kernel before them (activation, residual).
+_EPILOGUE_OPS = frozenset({"Clip", "Relu", "Add"})
+
+
+def emulate_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An FP16-glue graph as TensorRT computes it, in a form ONNX Runtime's FP32 kernels run.
+
+    ONNX Runtime on x86 has no FP16 Conv: it casts around each FP16 node and rounds every node's
+    output to FP16, including the Conv outputs right before their QuantizeLinear. TensorRT fuses
+    DQ → Conv/Gemm → Clip/Relu/Add → Q into one INT8 kernel (int32 accumulation, the scales applied
+    in its epilogue): those tensors never exist in FP16 there. This copy keeps every FP16 value
+    of ``model`` (scales, biases, constants: the same numbers, FP32 type) and rounds to FP16
+    exactly where TensorRT writes an FP16 tensor: the output of every node except the inside of
+    those fused chains. Set against the plain ONNX Runtime run, it tells the cost of the FP16
+    values from the cost of ONNX Runtime's extra roundings. For measuring only: TensorRT gets
+    ``model`` itself.
+    """
+    m = load(model)
+    g = Graph(m)
+    types = tensor_types(m)
+    hidden = _fused_tensors(g)
+    for i, t in enumerate(m.graph.initializer):
+        if t.data_type == TensorProto.FLOAT16:
+            m.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float32), t.name))
+    nodes: list[onnx.NodeProto] = []
+    for node in m.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT16:
+                    attr.t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(attr.t).astype(np.float32)))
+            nodes.append(node)
+            continue
+        nodes.append(node)
+        for o, name in enumerate(node.output):
+            if not name or types.get(name) != TensorProto.FLOAT16 or name in hidden:
+                continue
+            # x → FP16 → FP32 is the rounding TensorRT does when it writes ``name`` as FP16.
+            half = node.output[o] = g.unique(f"{name}_rounded")
+            if node.op_type != "Cast":  # a Cast to FP16 rounds by itself
+                raw = node.output[o] = g.unique(f"{name}_unrounded")
+                nodes.append(onnx.helper.make_node("Cast", [raw], [half], name=g.unique(f"{name}_round"), to=TensorProto.FLOAT16))
+            nodes.append(onnx.helper.make_node("Cast", [half], [name], name=g.unique(f"{name}_widen"), to=TensorProto.FLOAT))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.graph.value_info[:]
+    for value in list(m.graph.input) + list(m.graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    return m
+
+
+def _fused_tensors(g: Graph) -> set[str]:
+    """Tensors that live only inside TensorRT's fused INT8 kernels (DQ → weighted op → epilogue → Q)."""
+    hidden: set[str] = set()
+    int8_reads: set[tuple[int, str]] = set()  # (node, input) pairs a fused kernel reads as INT8
+    for node in g.graph.node:
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
+            continue
+        producers = [g.producer.get(name) for name in node.input[:2]]
+        if not all(p is not None and p.op_type == "DequantizeLinear" for p in producers):
+            continue
+        int8_reads.update((id(node), name) for name in node.input[:2])
+        cur = node.output[0]
+        while cur not in g.graph_outputs:
+            readers = g.consumers.get(cur, [])
+            if readers and all(r.op_type == "QuantizeLinear" for r in readers):
+                hidden.add(cur)  # the kernel writes INT8
+                break
+            if len(readers) != 1 or readers[0].op_type not in _EPILOGUE_OPS:
+                break
+            nxt = readers[0]
+            hidden.add(cur)
+            # the residual of a fused Add, when it comes dequantized, is read as INT8 too
+            int8_reads.update((id(nxt), name) for name in nxt.input if name != cur and name in g.producer
+                              and g.producer[name].op_type == "DequantizeLinear")
+            cur = nxt.output[0]
+    for name in {name for _, name in int8_reads}:
+        if name not in g.graph_outputs and all((id(r), name) in int8_reads for r in g.consumers.get(name, [])):
+            hidden.add(name)  # never dequantized to memory
+    return hidden

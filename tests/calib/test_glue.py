@@ -111,3 +111,51 @@ def test_fold_leaves_pads_that_do_not_commute():
     model = G._model(nodes, [G._x("x", [1, 3, 6, 6])], [G._x("y", [1, 2, 6, 6])],
                      [G._w("w", [2, 3, 3, 3], rng), numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")])
     assert glue.fold_zero_pads(model) == 0 and [n.op_type for n in model.graph.node] == ["Pad", "Conv"]
+
+
+def test_weights_behind_a_raised_fp16_scale_are_requantized_onto_it():
+    """A near-dead channel (weights 1e-7, scale 8e-10) needs a scale FP16 cannot hold: the weights follow it."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    w[1] = 1e-7 * np.sign(rng.standard_normal((3, 3, 3)))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = G._model(nodes, [G._x("x", ["N", 3, 6, 6])], [G._x("y", ["N", 4, 6, 6])],
+                     [numpy_helper.from_array(w, "w")])
+    x = (rng.standard_normal((4, 3, 6, 6)) * 4).astype(np.float32)
+    amax = G.observe_amax(model, x, qdq.activation_tensors_to_quantize(model, target="tensorrt"))
+    out = L.lower(model, "int8", amax, target="tensorrt", glue="fp16")
+    g = Graph(out)
+    dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear" and g.is_constant(n.input[0]))
+    scale = g.constant(dq.input[1]).astype(np.float32)
+    assert scale.dtype == np.float32 and g.initializers[dq.input[1]].data_type == TensorProto.FLOAT16
+    assert scale[1] == np.float32(np.finfo(np.float16).tiny)  # raised to FP16's smallest normal
+    dequantized = g.constant(dq.input[0]).astype(np.float32) * scale.reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(dequantized[1], w[1], atol=float(np.finfo(np.float16).tiny) / 2)
+    y16 = G.run(out, x)[0].astype(np.float32)
+    y32 = G.run(L.lower(model, "int8", amax, target="tensorrt", glue="fp32"), x)[0]
+    assert np.abs(y16[:, 1] - y32[:, 1]).max() < 1e-3  # the dead channel stays dead
+    assert compare_outputs([y32], [y16]).cosine > 0.999
+
+
+def test_tensorrt_emulation_rounds_only_what_the_fused_int8_kernels_write(digits):
+    model, amax, batches = digits
+    fp16 = L.lower(model, "int8", amax, target="tensorrt", glue="fp16")
+    emulated = glue.emulate_tensorrt(fp16)
+    assert all(t.data_type != TensorProto.FLOAT16 for t in emulated.graph.initializer)
+    assert TensorProto.FLOAT16 not in {t for n, t in tensor_types(emulated).items()
+                                       if not n.endswith("_rounded")}  # FP16 only between a round trip's Casts
+    g16, ge = Graph(fp16), Graph(emulated)
+    rounded = {n.output[0] for n in emulated.graph.node if n.name.endswith("_widen")}
+    for node in fp16.graph.node:
+        if node.op_type != "Conv":
+            continue
+        # Conv → (Add) → Relu → Q is one INT8 kernel: nothing before its end is written in FP16
+        cur = node.output[0]
+        while [r.op_type for r in g16.consumers[cur]] in (["Add"], ["Relu"]):
+            assert cur not in rounded, cur
+            cur = g16.consumers[cur][0].output[0]
+        readers = {r.op_type for r in ge.consumers[cur]}
+        assert (cur in rounded) == (readers != {"QuantizeLinear"}), (cur, readers)
+    assert {fp16.graph.input[0].name + "_fp16", fp16.graph.output[0].name + "_fp16"} <= rounded
+    ref = run_batches(L.lower(model, "int8", amax, target="tensorrt", glue="fp32"), batches)
+    assert compare_outputs(ref, run_batches(emulated, batches)).cosine > 0.999
