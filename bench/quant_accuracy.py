@@ -8,7 +8,8 @@ Sections (all in one run, on the benchmark zoo):
 2. Calibration cost: wall time and peak RSS of tegrad's observe + compute vs ONNX Runtime's
    calibrators, each in its own subprocess; memory vs number of calibration images.
 3. CPU latency: FP32 vs INT8 graphs on ONNX Runtime, batch 1 and 8, medians over repeated blocks.
-4. YOLOX-Nano on 100 COCO images: F1 of INT8 detections against the FP32 detections.
+4. YOLOX-Nano on 100 COCO images: F1 of INT8 detections against the FP32 detections, per algorithm for
+   the CPU and the TensorRT target (run on ONNX Runtime, FP32 glue), the mixed plan, INT8 layer share.
 5. Summary of the targets.
 6. TensorRT-target FP16 glue: type census (FP32 / FP16 compute nodes, Pads) of the INT8 and mixed
    graphs of EfficientNet-Lite0 and YOLOX-Nano with FP32 glue (as before) and FP16 glue, and the

@@ -22,8 +22,8 @@ Placement (``target="tensorrt"``, the portable graph):
   spread is bounded from the producing Conv's weights (sum |w_c| + |b_c| per channel, through
   elementwise activations, capped by a Clip on the way: ReLU6 bounds every channel by 6), so
   no data is needed. Limit: largest / 10th-percentile channel > 8×. In YOLOX-Nano (SiLU) that
-  is 11 of its 30 depthwise Convs (their spreads measured on calibration data 8–34×, the
-  others' 2–13×); their FP32 inputs took max-calibrated F1 vs FP32 from 0.86 to 0.90 and mse
+  is 11 of its 30 depthwise Convs (their spreads measured on calibration data 7.6–34×,
+  the others' 2–13×); their FP32 inputs took max-calibrated F1 vs FP32 from 0.86 to 0.90 and mse
   from 0.92 to 0.94. EfficientNet-Lite (ReLU6) has none: its graph is unchanged.
   On the CPU variant, a weighted op's output that reaches a model output without another
   quantized op on the way (a detection head's box/score convs), or that a non-linear float op
