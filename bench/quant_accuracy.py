@@ -8,7 +8,8 @@ Sections (all in one run, on the benchmark zoo):
 2. Calibration cost: wall time and peak RSS of tegrad's observe + compute vs ONNX Runtime's
    calibrators, each in its own subprocess; memory vs number of calibration images.
 3. CPU latency: FP32 vs INT8 graphs on ONNX Runtime, batch 1 and 8, medians over repeated blocks.
-4. YOLOX-Nano on 100 COCO images: F1 of INT8 detections against the FP32 detections.
+4. YOLOX-Nano on 100 COCO images: F1 of INT8 detections against the FP32 detections, per algorithm for
+   the CPU and the TensorRT target (run on ONNX Runtime, FP32 glue), the mixed plan, INT8 layer share.
 5. Summary of the targets.
 6. TensorRT-target FP16 glue: type census (FP32 / FP16 compute nodes, Pads) of the INT8 and mixed
    graphs of EfficientNet-Lite0 and YOLOX-Nano with FP32 glue (as before) and FP16 glue, and the
@@ -569,11 +570,23 @@ class Bench:
         rows = []
         fp = compare_outputs(ref, ref, task="detection", detection=YOLOX_DETECTION)
         rows.append(("FP32", fp))
+        share = {"FP32": "-"}  # INT8 weighted layers / all weighted layers, per row
         for m in METHODS:
             path = _save(lower(str(self.yolox), "int8", amax[m], target="cpu"), self.work / f"yolox_{m}.onnx")
             r = compare_outputs(ref, run_batches(str(path), data), task="detection", detection=YOLOX_DETECTION)
             rows.append((f"tegrad INT8 {m}", r))
+            c = count_precisions(path)
+            share[rows[-1][0]] = f"{c['int8']}/{sum(c.values())}"
         best_name, best = max(rows[1:], key=lambda nr: (nr[1].f1, nr[1].cosine))
+        # The TensorRT-target graph (signed Q/DQ) run on ONNX Runtime with exact kernels; FP32 glue, as
+        # ONNX Runtime's CPU provider has no fast FP16 kernels (the numbers differ by FP16 rounding only).
+        for m in METHODS:
+            path = _save(lower(str(self.yolox), "int8", amax[m], target="tensorrt", glue="fp32"),
+                         self.work / f"yolox_{m}_trt.onnx")
+            r = compare_outputs(ref, run_batches(str(path), data), task="detection", detection=YOLOX_DETECTION)
+            rows.append((f"tegrad INT8 {m} (TensorRT target)", r))
+            c = count_precisions(path)
+            share[rows[-1][0]] = f"{c['int8']}/{sum(c.values())}"
         best_m = best_name.split()[-1]
         info["best"] = best_m
 
@@ -601,12 +614,15 @@ class Bench:
             else:
                 r = best
             rows.append((f"tegrad mixed ({best_m}, {len(plan.excluded)} FP32)", r))
+            # counted in the lowered graph: placement rules keep layers in float the plan did not exclude
+            c = count_precisions(mpath if plan.excluded else self.work / f"yolox_{best_m}.onnx")
+            share[rows[-1][0]] = f"{c['int8']}/{sum(c.values())}"
         table = []
         for name, r in rows:
             table.append([name, r.detections_candidate, f"{r.precision:.3f}", f"{r.recall:.3f}", f"{r.f1:.3f}",
-                          f"{r.cosine:.5f}"])
+                          f"{r.cosine:.5f}", share.get(name, "-")])
         _say()
-        _say(_table(["model", "detections", "precision", "recall", "F1", "cosine"], table))
+        _say(_table(["model", "detections", "precision", "recall", "F1", "cosine", "INT8 layers"], table))
         _say(f"{len(files)} images, FP32 detections: {fp.detections_reference}; score > {YOLOX_DETECTION['score_threshold']}, "
              f"class-aware NMS {YOLOX_DETECTION['iou_threshold']}, match same class IoU >= 0.5; "
              f"observe {t_obs:.1f} s on {len(ImageFolder(self.calib_dir, spec))} images (batch 1)")

@@ -126,3 +126,55 @@ def observe_amax(model: onnx.ModelProto, x: np.ndarray, tensors) -> dict[str, fl
     names = [o.name for o in sess.get_outputs()]
     values = dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x}), strict=True))
     return {t: float(np.abs(values[t]).max()) for t in tensors}
+
+
+def yolo_head(spread: float = 2.0, act: str = "silu", classes: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """A YOLO-style detector head, as YOLOX/YOLOv5/YOLOv8 end.
+
+    x → stem Conv (output channel gains 1 … ``spread``) → act → depthwise Conv → act →
+    Conv → act = f;  f → Conv "reg" (4 box values);  f → Conv "obj" → Sigmoid;
+    f → Conv "cls" → Sigmoid;  Concat(reg, obj, cls) → Reshape → Transpose → y [N, anchors, 5 + C].
+    ``act``: "silu" (x · Sigmoid(x)) or "relu6" (Clip 0..6).
+    """
+    rng = np.random.default_rng(seed)
+    gains = np.geomspace(1.0, spread, 16, dtype=np.float32)[:, None, None, None]
+    w0 = (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32) * gains
+    inits = [
+        numpy_helper.from_array(w0, "w_stem"),
+        _w("w_dw", [16, 1, 3, 3], rng),
+        _w("w_pw", [16, 16, 1, 1], rng),
+        _w("w_reg", [4, 16, 1, 1], rng),
+        _w("b_reg", [4], rng, 0.1),
+        _w("w_obj", [1, 16, 1, 1], rng),
+        _w("w_cls", [classes, 16, 1, 1], rng),
+        numpy_helper.from_array(np.array([0, 5 + classes, -1], np.int64), "anchors_shape"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+    ]
+    nodes = []
+
+    def activation(src: str, name: str) -> str:
+        if act == "relu6":
+            nodes.append(helper.make_node("Clip", [src, "lo", "hi"], [f"{name}_out"], name=name))
+        else:
+            nodes.append(helper.make_node("Sigmoid", [src], [f"{name}_sig"], name=f"{name}_sigmoid"))
+            nodes.append(helper.make_node("Mul", [src, f"{name}_sig"], [f"{name}_out"], name=name))
+        return f"{name}_out"
+
+    nodes.append(helper.make_node("Conv", ["x", "w_stem"], ["c_stem"], name="stem", pads=[1, 1, 1, 1]))
+    a0 = activation("c_stem", "act_stem")
+    nodes.append(helper.make_node("Conv", [a0, "w_dw"], ["c_dw"], name="dw", group=16, pads=[1, 1, 1, 1]))
+    a1 = activation("c_dw", "act_dw")
+    nodes.append(helper.make_node("Conv", [a1, "w_pw"], ["c_pw"], name="pw"))
+    f = activation("c_pw", "act_pw")
+    nodes += [
+        helper.make_node("Conv", [f, "w_reg", "b_reg"], ["reg"], name="reg"),
+        helper.make_node("Conv", [f, "w_obj"], ["obj_logit"], name="obj"),
+        helper.make_node("Sigmoid", ["obj_logit"], ["obj"], name="obj_sigmoid"),
+        helper.make_node("Conv", [f, "w_cls"], ["cls_logit"], name="cls"),
+        helper.make_node("Sigmoid", ["cls_logit"], ["cls"], name="cls_sigmoid"),
+        helper.make_node("Concat", ["reg", "obj", "cls"], ["pred"], name="head_concat", axis=1),
+        helper.make_node("Reshape", ["pred", "anchors_shape"], ["flat"], name="flatten_anchors"),
+        helper.make_node("Transpose", ["flat"], ["y"], name="to_output", perm=[0, 2, 1]),
+    ]
+    return _model(nodes, [_x("x", [1, 3, 8, 8])], [_x("y", [1, 64, 5 + classes])], inits)
