@@ -406,11 +406,15 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
     if explicit:
         note(f"{args.model} carries Q/DQ: ranking its own pairs against the model without them")
-    report = sensitivity.analyze(args.model, cache.amax if cache else None, data, max_samples=args.max_samples,
-                                 method=args.method, task=task, target=args.target,
-                                 progress=not args.no_progress, detection=_detection(args),
-                                 chunk_samples=args.chunk_samples or None, stable_top=args.stable_top,
-                                 state=state, fast=not args.full_graph, log=note)
+    try:
+        report = sensitivity.analyze(args.model, cache.amax if cache else None, data, max_samples=args.max_samples,
+                                     method=args.method, task=task, target=args.target,
+                                     progress=not args.no_progress, detection=_detection(args),
+                                     chunk_samples=args.chunk_samples or None, stable_top=args.stable_top,
+                                     state=state, fast=not args.full_graph, log=note)
+    except KeyboardInterrupt:
+        note(f"the rows measured so far are in {state}: run the same command again to continue")
+        raise
     if explicit:
         # The planner lowers float models; for a Q/DQ model the ranking is the result.
         print(report.to_table())

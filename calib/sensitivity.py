@@ -218,8 +218,8 @@ class _Candidates:
             self.quantized = m
             self.base = _strip_qdq(_copy(m))
             self.activations = self.base
-            self.layers = [(n.name, n.op_type) for n in Graph(m).weighted_nodes()
-                           if _lower.layer_precisions(m).get(n.name) == "int8"]
+            precisions = _lower.layer_precisions(m)
+            self.layers = [(n.name, n.op_type) for n in Graph(m).weighted_nodes() if precisions.get(n.name) == "int8"]
         else:
             if amax is None:
                 raise ValueError("a float model needs amax values from a calibration cache (the model has no Q/DQ)")
