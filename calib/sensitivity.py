@@ -12,8 +12,11 @@ Measures (``method``):
   only matter once the rest is quantized) and measures exactly what :func:`plan` does,
   at the same cost.
 
-Both build one graph and one ONNX Runtime session per layer and run them on the same small
-slice, so cost is layers × (lowering + session + slice inference); see ``max_samples``.
+Both build one graph per layer and run it on the same slice. For "single" only the subgraph
+the layer's Q/DQ change runs (:mod:`calib.subgraph`), fed with FP32 tensors computed once per
+chunk of the slice; the ranking stops early once its top is stable over a growing slice; and
+every row can be appended to a resumable file (:mod:`calib.sensitivity_state`). A model that
+already carries Q/DQ is ranked by the error its own pairs add.
 """
 
 from __future__ import annotations
@@ -360,7 +363,9 @@ def analyze(
         "amax": digest(json.dumps(dict(amax or {}), sort_keys=True, default=float)),
         "data": _data_digest(batches),
         "method": method, "task": task, "target": target, "detection": dict(detection or {}),
-        "max_samples": max_samples, "chunk_samples": chunk_samples, "stable_top": stable_top,
+        # Not stable_top: rows do not depend on where the ranking stops, so a rerun that measures
+        # further (--stable-top 0) reuses the chunks already there.
+        "chunk_samples": chunk_samples,
     }
     record = StateFile(state, key) if state is not None else None
     if record is not None:
@@ -433,12 +438,13 @@ def analyze(
             top = [r.layer for r in rows[:stable_top]]
             if stable_top and previous_top == top and ci + 1 < len(chunks):
                 stopped = True
-                say(f"ranking stable: top {len(top)} unchanged after {used} of {sum(map(_batch_size, batches))} "
-                    f"samples; stopping early")
                 break
             previous_top = top
     finally:
         bar.close()
+    if stopped:
+        say(f"ranking stable: top {len(top)} in the same order after {used} of {sum(map(_batch_size, batches))} "
+            "samples; stopped there (--stable-top 0 measures them all)")
     return SensitivityReport(rows, method, used, time.perf_counter() - t0, task, _merge(full_stats, task),
                              stopped, cands.explicit)
 

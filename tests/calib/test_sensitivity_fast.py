@@ -78,14 +78,20 @@ def test_subgraph_path_on_a_skip_connection():
         assert fast[name].rel_error > 0, name  # every layer's Q/DQ changes the output
 
 
-def test_ranking_stops_once_the_top_is_stable(digits):
+def test_ranking_stops_once_the_top_is_stable(digits, tmp_path):
     model, amax, batches = digits
     small = [b[i : i + 16] for b in batches for i in range(0, 64, 16)]  # 12 chunks of 16
-    early = sensitivity.analyze(model, amax, small, chunk_samples=16, stable_top=1)
+    state, notes = tmp_path / "s.jsonl", []
+    early = sensitivity.analyze(model, amax, small, chunk_samples=16, stable_top=1, state=state, log=notes.append)
     assert early.stopped_early and early.samples < 192
     assert early.samples % 16 == 0 and early.samples >= 32
-    whole = sensitivity.analyze(model, amax, small, chunk_samples=16, stable_top=0)
+    assert any("ranking stable: top 1 in the same order" in n for n in notes)
+    # Measuring the whole slice afterwards continues from the chunks already measured.
+    whole = sensitivity.analyze(model, amax, small, chunk_samples=16, stable_top=0, state=state, log=notes.append)
     assert not whole.stopped_early and whole.samples == 192
+    assert any(f"reusing {early.samples // 16 * 5} measured rows" in n for n in notes), notes
+    lines = state.read_text().splitlines()[1:]
+    assert len(lines) == len(set(lines)) == 12 * 6
     # Chunked means are the whole slice's means.
     one = _by_layer(sensitivity.analyze(model, amax, small, chunk_samples=None))
     for r in whole.rows:
