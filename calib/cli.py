@@ -377,7 +377,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     import onnx
 
-    from calib import config_snippet, sensitivity
+    from calib import sensitivity
     from calib.cache import CalibrationCache, atomic_write_text
     from calib.explicit import has_qdq
 
@@ -416,30 +416,44 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         note(f"the rows measured so far are in {state}: run the same command again to continue")
         raise
     if explicit:
-        # The planner lowers float models; for a Q/DQ model the ranking is the result.
-        print(report.to_table())
-        excluded: list[str] = []
-        plan = None
-    else:
-        plan = sensitivity.plan(report, args.model, cache.amax, data, min_top1=args.min_top1, labels=labels,
-                                task=task, target=args.target, exclude_precision=args.exclude_precision,
-                                detection=_detection(args))
-        print(report.to_table())
-        excluded = list(plan.excluded)
-        print(f"\nsuggested exclusion: {len(excluded)} of {plan.total_layers} layers out of INT8, "
-              f"{plan.int8_layers} stay INT8; budget {'met' if plan.met else 'NOT met'} ({plan.achieved})")
-        if excluded:
-            print("  tegrad quantize --precision mixed " + " ".join(f"--exclude '{n}'" for n in excluded))
-        print("\nfor the model's config.toml:\n" + config_snippet.snippet(
-            excluded, exclude_precision=args.exclude_precision,
-            calibration_cache=Path(args.cache).name if args.cache else None).rstrip())
-        if args.write_config:
-            written = config_snippet.write_config(args.write_config, excluded, exclude_precision=args.exclude_precision,
-                                                  calibration_cache=args.cache)
-            print(f"wrote {written}")
+        return _explicit_ranking(args, report, state)
+    plan = sensitivity.plan(report, args.model, cache.amax, data, min_top1=args.min_top1, labels=labels,
+                            task=task, target=args.target, exclude_precision=args.exclude_precision,
+                            detection=_detection(args))
+    print(report.to_table())
+    excluded = list(plan.excluded)
+    print(f"\nsuggested exclusion: {len(excluded)} of {plan.total_layers} layers out of INT8, "
+          f"{plan.int8_layers} stay INT8; budget {'met' if plan.met else 'NOT met'} ({plan.achieved})")
+    if excluded:
+        print("  tegrad quantize --precision mixed " + " ".join(f"--exclude '{n}'" for n in excluded))
+    _suggest_config(args, excluded)
     if args.json:
-        doc = {"model": os.fspath(args.model), "cache": os.fspath(args.cache) if args.cache else None,
-               "state": os.fspath(state), "report": report.as_dict(), "plan": plan.as_dict() if plan else None}
+        doc = {"model": os.fspath(args.model), "cache": os.fspath(args.cache),
+               "report": report.as_dict(), "plan": plan.as_dict()}
+        atomic_write_text(args.json, json.dumps(doc, indent=2, default=float) + "\n")
+    return 0
+
+
+def _suggest_config(args: argparse.Namespace, excluded: list[str]) -> None:
+    """The plan as config.toml keys on stdout, and merged into --write-config's file."""
+    from calib import config_snippet
+
+    print("\nfor the model's config.toml:\n" + config_snippet.snippet(
+        excluded, exclude_precision=args.exclude_precision, calibration_cache=Path(args.cache).name).rstrip())
+    if args.write_config:
+        written = config_snippet.write_config(args.write_config, excluded, exclude_precision=args.exclude_precision,
+                                              calibration_cache=args.cache)
+        print(f"wrote {written}")
+
+
+def _explicit_ranking(args: argparse.Namespace, report: Any, state: Path) -> int:
+    """A Q/DQ model's ranking is the result: the planner lowers float models."""
+    from calib.cache import atomic_write_text
+
+    print(report.to_table())
+    if args.json:
+        doc = {"model": os.fspath(args.model), "cache": None, "state": os.fspath(state),
+               "report": report.as_dict(), "plan": None}
         atomic_write_text(args.json, json.dumps(doc, indent=2, default=float) + "\n")
     return 0
 
