@@ -150,14 +150,17 @@ def _lean_session(model: onnx.ModelProto):
 
 
 class RegionRunner:
-    """One session for a region; runs it on cached tensors, batch by batch."""
+    """One session for a region, made on first use (a resumed analysis may need only a few)."""
 
     def __init__(self, candidate: onnx.ModelProto, region: Region, examples: Mapping[str, np.ndarray]):
         self.region = region
-        self.session = _lean_session(extract(candidate, region, examples)) if region.nodes else None
+        self.model = extract(candidate, region, examples) if region.nodes else None
+        self.session = None
 
     def run(self, tensors: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        if self.session is None:
+        if self.model is None and self.session is None:
             return [t[self.region.output] for t in tensors]
+        if self.session is None:
+            self.session, self.model = _lean_session(self.model), None
         out = self.region.output
         return [self.session.run([out], {c: t[c] for c in self.region.cut})[0] for t in tensors]
