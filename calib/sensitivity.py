@@ -198,12 +198,6 @@ def _strip_qdq(model: onnx.ModelProto, keep: Iterable[str] = ()) -> onnx.ModelPr
     return model
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
-
-
 class _Candidates:
     """The graphs one analysis compares: FP32 reference, full INT8, and one per layer."""
 
@@ -219,7 +213,7 @@ class _Candidates:
             # a PTQ export has int8 weights only, so its reference has their dequantized values.
             m = fold_constants(ensure_opset(src), keep_ops=_explicit.QDQ_OPS)
             self.quantized = m
-            self.base = _strip_qdq(_copy(m))
+            self.base = _strip_qdq(load(m))
             self.activations = self.base
             precisions = _lower.layer_precisions(m)
             self.layers = [(n.name, n.op_type) for n in Graph(m).weighted_nodes() if precisions.get(n.name) == "int8"]
@@ -230,17 +224,17 @@ class _Candidates:
             self.base = _prepared(model)
             self.layers = quantizable_layers(self.base)
             # What the lowering does before Q/DQ on the CPU target, so unchanged regions match.
-            self.activations = fold_batchnorm(_copy(self.base)) if target == "cpu" else self.base
+            self.activations = fold_batchnorm(load(self.base)) if target == "cpu" else self.base
         self.names = [n for n, _ in self.layers]
 
     def full(self) -> onnx.ModelProto:
         if self.explicit:
-            return self._for_target(_copy(self.quantized))
+            return self._for_target(load(self.quantized))
         return _int8_graph(self.base, self.amax, (), self.target, None)
 
     def layer(self, name: str) -> onnx.ModelProto:
         if self.explicit:
-            m = _copy(self.quantized)
+            m = load(self.quantized)
             if self.method == "single":
                 return self._for_target(_strip_qdq(m, keep=[name]))
             _explicit.remove_pairs(m, [name])
