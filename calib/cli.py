@@ -378,22 +378,48 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 # ---- sensitivity ---------------------------------------------------------------------------------
 def cmd_sensitivity(args: argparse.Namespace) -> int:
+    import onnx
+
     from calib import sensitivity
     from calib.cache import CalibrationCache, atomic_write_text
+    from calib.explicit import has_qdq
 
-    cache = CalibrationCache.load(args.cache)
-    if not args.no_check:
-        cache.check_against(args.model)
+    explicit = has_qdq(onnx.load(args.model, load_external_data=False))
+    cache = None
+    if args.cache:
+        cache = CalibrationCache.load(args.cache)
+        if not args.no_check and not explicit:
+            cache.check_against(args.model)
+    elif not explicit:
+        raise _UsageError(f"{args.model} has no Q/DQ: give its calibration cache with --cache (from `tegrad calibrate`)")
     spec = spec_from_args(args)
-    if spec is None and cache.preprocess is not None:
+    if spec is None and cache is not None and cache.preprocess is not None:
         # The cache remembers how its calibration images were prepared.
         spec = PreprocessSpec.from_dict(cache.preprocess)
     data = _feeds(args, args.model, spec)
     labels = _load_labels(args.labels, data.source) if args.labels else None
     task = _task(args)
-    report = sensitivity.analyze(args.model, cache.amax, data, max_samples=args.max_samples,
-                                 method=args.method, task=task, target=args.target,
-                                 progress=not args.no_progress, detection=_detection(args))
+    state = Path(args.state) if args.state else (
+        Path(args.json).with_suffix(".jsonl") if args.json else Path(Path(args.model).stem + ".sensitivity.jsonl"))
+    if args.no_resume and state.exists():
+        state.unlink()
+
+    def note(msg: str) -> None:
+        print(f"note: {msg}", file=sys.stderr)
+
+    if explicit:
+        note(f"{args.model} carries Q/DQ: ranking its own pairs against the model without them")
+    try:
+        report = sensitivity.analyze(args.model, cache.amax if cache else None, data, max_samples=args.max_samples,
+                                     method=args.method, task=task, target=args.target,
+                                     progress=not args.no_progress, detection=_detection(args),
+                                     chunk_samples=args.chunk_samples or None, stable_top=args.stable_top,
+                                     state=state, fast=not args.full_graph, log=note)
+    except KeyboardInterrupt:
+        note(f"the rows measured so far are in {state}: run the same command again to continue")
+        raise
+    if explicit:
+        return _explicit_ranking(args, report, state)
     from calib import plan_cli
 
     budget = plan_cli.budget_from_args(args, task)
@@ -406,9 +432,34 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     print(f"\nsuggested exclusion: {plan.summary()}")
     if excluded:
         print("  tegrad quantize --precision mixed " + " ".join(f"--exclude '{n}'" for n in excluded))
+    _suggest_config(args, excluded)
     if args.json:
         doc = {"model": os.fspath(args.model), "cache": os.fspath(args.cache),
                "report": report.as_dict(), "plan": plan.as_dict()}
+        atomic_write_text(args.json, json.dumps(doc, indent=2, default=float) + "\n")
+    return 0
+
+
+def _suggest_config(args: argparse.Namespace, excluded: list[str]) -> None:
+    """The plan as config.toml keys on stdout, and merged into --write-config's file."""
+    from calib import config_snippet
+
+    print("\nfor the model's config.toml:\n" + config_snippet.snippet(
+        excluded, exclude_precision=args.exclude_precision, calibration_cache=Path(args.cache).name).rstrip())
+    if args.write_config:
+        written = config_snippet.write_config(args.write_config, excluded, exclude_precision=args.exclude_precision,
+                                              calibration_cache=args.cache)
+        print(f"wrote {written}")
+
+
+def _explicit_ranking(args: argparse.Namespace, report: Any, state: Path) -> int:
+    """A Q/DQ model's ranking is the result: the planner lowers float models."""
+    from calib.cache import atomic_write_text
+
+    print(report.to_table())
+    if args.json:
+        doc = {"model": os.fspath(args.model), "cache": None, "state": os.fspath(state),
+               "report": report.as_dict(), "plan": None}
         atomic_write_text(args.json, json.dumps(doc, indent=2, default=float) + "\n")
     return 0
 
@@ -511,11 +562,12 @@ def _evaluate_verdict(args: argparse.Namespace, task: str, result: Any) -> dict[
 # ---- wiring --------------------------------------------------------------------------------------
 def _wrap(func: Callable[[argparse.Namespace], int], name: str) -> Callable[[argparse.Namespace], int]:
     from calib.cache import CacheMismatchError
+    from daemon.errors import ConfigError  # --write-config refusing a config that would not load
 
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (CacheMismatchError, _UsageError, FileNotFoundError, ValueError) as exc:
+        except (CacheMismatchError, ConfigError, _UsageError, FileNotFoundError, ValueError) as exc:
             print(f"tegrad {name}: error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -573,9 +625,23 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("sensitivity", help="rank layers by INT8 sensitivity and suggest exclusions")
     p.add_argument("model", help="ONNX model")
-    p.add_argument("--cache", required=True, help="calibration cache")
+    p.add_argument("--cache", help="calibration cache (not needed for a model that already carries Q/DQ)")
     _add_data_options(p)
     p.add_argument("--max-samples", type=int, default=None, help="samples used to rank layers")
+    p.add_argument("--chunk-samples", type=int, default=16, metavar="N",
+                   help="rank on a growing slice, N samples at a time (default 16; 0: the whole slice at once)")
+    p.add_argument("--stable-top", type=int, default=10, metavar="K",
+                   help="stop once the first K layers of the ranking keep their order for one more chunk "
+                        "(default 10; 0: measure the whole slice)")
+    p.add_argument("--state", metavar="PATH",
+                   help="rows are appended here as they are measured, and reused when the same command runs "
+                        "again (default: next to --json as .jsonl, else ./<model>.sensitivity.jsonl)")
+    p.add_argument("--no-resume", action="store_true", help="measure every row again (the state file restarts)")
+    p.add_argument("--full-graph", action="store_true",
+                   help="run the whole graph per layer instead of only the subgraph the layer changes (slower)")
+    p.add_argument("--write-config", metavar="PATH",
+                   help="merge the suggestion (precision, exclude, exclude_precision) into this config.toml "
+                        "or model folder, keeping its other keys and comments")
     p.add_argument("--method", choices=("single", "complement"), default="single",
                    help="quantize only this layer (single) or all but this layer (complement)")
     p.add_argument("--min-top1", type=float, default=None,

@@ -115,8 +115,13 @@ def compare_outputs(
     labels=None,
     task: str = "classification",
     detection: Mapping | None = None,
+    reference_detections: list | None = None,
 ) -> EvalResult:
-    """Metrics from outputs already computed (lets sensitivity analysis reuse the reference run)."""
+    """Metrics from outputs already computed (lets sensitivity analysis reuse the reference run).
+
+    ``reference_detections``: the reference's detections per batch (:func:`decode_reference`),
+    so that comparing many candidates with one reference decodes it once.
+    """
     if task not in ("classification", "detection"):
         raise ValueError(f"unknown task {task!r}; expected 'classification' or 'detection'")
     if len(reference_outputs) != len(candidate_outputs):
@@ -148,8 +153,9 @@ def compare_outputs(
         params = dict(detection or {})
         iou_match = float(params.pop("match_iou", 0.5))
         tp = n_c = n_r = 0
-        for r, c in zip(reference_outputs, candidate_outputs, strict=True):
-            for dr, dc in zip(det.postprocess(r, **params), det.postprocess(c, **params), strict=True):
+        ref_dets = reference_detections or decode_reference(reference_outputs, detection)
+        for dets, c in zip(ref_dets, candidate_outputs, strict=True):
+            for dr, dc in zip(dets, det.postprocess(c, **params), strict=True):
                 t, a, b = det.match_f1(dr, dc, iou_match)
                 tp, n_c, n_r = tp + t, n_c + a, n_r + b
         precision = tp / n_c if n_c else (1.0 if n_r == 0 else 0.0)
@@ -158,6 +164,12 @@ def compare_outputs(
         result.f1 = float(2 * precision * recall / (precision + recall)) if precision + recall > 0 else 0.0
         result.detections_reference, result.detections_candidate = n_r, n_c
     return result
+
+
+def decode_reference(reference_outputs: list[np.ndarray], detection: Mapping | None) -> list:
+    """The reference's detections per batch, for :func:`compare_outputs`'s ``reference_detections``."""
+    params = {k: v for k, v in (detection or {}).items() if k != "match_iou"}
+    return [det.postprocess(r, **params) for r in reference_outputs]
 
 
 def _is_batched(labels) -> bool:

@@ -82,31 +82,6 @@ def _max_excluded(text: str | None, total: int) -> int:
     return min(value, total)
 
 
-# ---- config snippet (the sensitivity command's writer replaces this once merged) -----------------
-def config_snippet(excluded: list[str], exclude_precision: str, cache: str | None) -> str:
-    lines = []
-    if cache:
-        lines.append(f"calibration_cache = {json.dumps(cache)}")
-    lines.append(f'precision = "{"mixed" if excluded else "int8"}"')
-    if excluded:
-        lines.append(f'exclude_precision = "{exclude_precision}"')
-        lines.append("exclude = [" + ", ".join(json.dumps(n) for n in excluded) + "]")
-    return "\n".join(lines) + "\n"
-
-
-def write_config(path: str, snippet: str) -> None:
-    """Write the plan's settings as a new config file (no merging into an existing one here)."""
-    from calib.cache import atomic_write_text
-
-    target = Path(path)
-    target = target / "config.toml" if target.is_dir() else target
-    if target.exists():
-        raise _cli._UsageError(f"--write-config {target} exists: paste the snippet printed above into it "
-                               "(this command writes new files only)")
-    atomic_write_text(target, snippet)
-    print(f"wrote {target}", file=sys.stderr)
-
-
 # ---- data -------------------------------------------------------------------------------------
 def _split(source: Any, holdout: float) -> tuple[Any, Any]:
     """(calibration, held-out) halves of an image folder, held-out files spread over the sorted list."""
@@ -246,10 +221,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(text)
     print(f"({wall:.0f} s, load average {_load()})")
     cache_path = os.fspath(args.cache or args.cache_out) if (args.cache or args.cache_out) else None
-    snippet = config_snippet(plan.excluded, args.exclude_precision, cache_path)
-    print("\nconfig.toml:\n" + snippet, end="")
+    from calib import config_snippet
+
+    print("\nfor the model's config.toml:\n" + config_snippet.snippet(
+        plan.excluded, exclude_precision=args.exclude_precision,
+        calibration_cache=Path(cache_path).name if cache_path else None).rstrip())
     if args.write_config:
-        write_config(args.write_config, snippet)
+        written = config_snippet.write_config(args.write_config, plan.excluded,
+                                              exclude_precision=args.exclude_precision, calibration_cache=cache_path)
+        _say(f"wrote {written}")
     if args.json:
         doc = {"model": os.fspath(args.model), "outcome": outcome, "paragraph": text,
                "budget": budget.describe(labels is not None), "held_out_samples": held_n,
@@ -353,5 +333,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--exclude-precision", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--speed-repeats", type=int, default=7, help="timed rounds per model for the speed-up (median)")
     p.add_argument("--json", metavar="PATH", help="also write every step as JSON")
-    p.add_argument("--write-config", metavar="PATH", help="write the plan as a new config.toml")
+    p.add_argument("--write-config", metavar="PATH", help="merge the plan (precision, exclude, exclude_precision, calibration_cache) into this config.toml "
+                        "or model folder, keeping its other keys and comments")
     p.set_defaults(func=_cli._wrap(cmd_plan, "plan"))

@@ -107,8 +107,8 @@ class Budget:
     def __post_init__(self) -> None:
         if self.task not in ("classification", "detection"):
             raise ValueError(f"unknown task {self.task!r}; expected 'classification' or 'detection'")
-        if not 0.0 <= self.target_drop < 1.0:
-            raise ValueError(f"target drop {self.target_drop} must be in [0, 1) (0.02 = 2 points)")
+        if not 0.0 <= self.target_drop <= 1.0:
+            raise ValueError(f"target drop {self.target_drop} must be in [0, 1] (0.02 = 2 points)")
         if not 0.5 <= self.confidence < 1.0:
             raise ValueError(f"confidence {self.confidence} must be in [0.5, 1)")
         if not 0.0 < self.min_f1 <= 1.0:

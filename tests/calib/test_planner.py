@@ -202,18 +202,24 @@ def test_plan_ptq_enough(tmp_path, capsys) -> None:
     onnx.save(_chain(fragile=()), model)
     np.save(tmp_path / "c.npy", _data(1, 256, fragile_input=False))
     np.save(tmp_path / "h.npy", _data(3, 256, fragile_input=False))
+    common = ["plan", str(model), "--data", str(tmp_path / "h.npy"), "--calib-data", str(tmp_path / "c.npy"),
+              "--target-drop", "0.2", "--no-progress", "--speed-repeats", "2"]
+    # int8 without a calibration cache would not load: the config is refused and not written.
+    refused = tmp_path / "refused" / "config.toml"
+    refused.parent.mkdir()
+    assert main(common + ["--write-config", str(refused)]) == 2
+    assert not refused.exists()
+    capsys.readouterr()
     out_cfg = tmp_path / "config.toml"
-    rc = main(["plan", str(model), "--data", str(tmp_path / "h.npy"), "--calib-data", str(tmp_path / "c.npy"),
-               "--target-drop", "0.2", "--no-progress", "--speed-repeats", "2",
-               "--write-config", str(out_cfg)])
+    out_cfg.write_text('# kept\nmax_batch = 4\nprecision = "fp32"\n')
+    rc = main(common + ["--cache-out", str(tmp_path / "calm.calib.json"), "--write-config", str(out_cfg)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "PTQ is enough" in out and "5 of 5 layers INT8" in out
-    assert 'precision = "int8"' in out_cfg.read_text()
-    # An existing config is never overwritten.
-    assert main(["plan", str(model), "--data", str(tmp_path / "h.npy"), "--calib-data", str(tmp_path / "c.npy"),
-                 "--target-drop", "0.2", "--no-progress", "--speed-repeats", "2",
-                 "--write-config", str(out_cfg)]) == 2
+    text = out_cfg.read_text()
+    # Merged into the existing file: its comment and other keys stay, precision and the cache are the plan's.
+    assert "# kept" in text and "max_batch = 4" in text
+    assert 'precision = "int8"' in text and 'calibration_cache = "calm.calib.json"' in text
 
 
 def test_plan_needs_qat_when_the_budget_of_layers_is_too_small(plan_files, capsys) -> None:
