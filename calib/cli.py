@@ -424,8 +424,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
     budget = plan_cli.budget_from_args(args, task)
     plan = sensitivity.plan(report, args.model, cache.amax, data, labels=labels, task=task, target=args.target,
-                            exclude_precision=args.exclude_precision, detection=_detection(args),
-                            target_drop=budget.target_drop, confidence=budget.confidence, min_f1=budget.min_f1,
+                            exclude_precision=args.exclude_precision, detection=_detection(args), budget=budget,
                             progress=not args.no_progress, speed_batch=next(iter(data)))
     print(report.to_table())
     excluded = list(plan.excluded)

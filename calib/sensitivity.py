@@ -480,15 +480,18 @@ def plan(
     search: str = "bisect",
     progress: bool = False,
     speed_batch=None,
+    budget: _planner.Budget | None = None,
 ) -> Plan:
     """Leave the shortest prefix of the report's ranking out of INT8 that meets the budget.
 
     See :mod:`calib.planner`. Budget: ``target_drop`` top-1 points against FP32 (accuracy
     points with ``labels``) at ``confidence`` (defaults: 2 points, 80 % upper bound); the
     older ``min_top1`` is the point-estimate form (top-1 agreement >= ``min_top1``);
-    detectors: F1 against the FP32 detections >= ``min_f1``. ``data``: held-out data.
+    detectors: F1 against the FP32 detections >= ``min_f1``. ``data``: held-out data. A
+    ``budget`` given whole replaces those settings.
     """
-    budget = _planner.Budget.from_options(task, target_drop, confidence, min_f1, min_top1)
+    if budget is None:
+        budget = _planner.Budget.from_options(task, target_drop, confidence, min_f1, min_top1)
     order = [r.layer for r in report.rows]
     return _planner.grow(order, model, amax, data, budget, labels=labels, detection=detection,
                          exclude_precision=exclude_precision, target=target, max_excluded=max_excluded,

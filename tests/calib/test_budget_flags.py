@@ -98,3 +98,20 @@ def test_classifier_presets(argv, size, short) -> None:
     args = build_parser().parse_args(["evaluate", "a.onnx", "b.onnx", "--data", "x", *argv])
     spec = spec_from_args(args)
     assert tuple(spec.size) == (size, size) and spec.resize_short == short and spec.resize == "center-crop"
+
+
+def test_sensitivity_on_a_detector_plans_with_the_default_min_f1(tmp_path) -> None:
+    # The budget is resolved once: the detector default F1 >= 0.95, not 1 - (the classifier's 2-point drop).
+    import calib_graphs as G
+
+    model = tmp_path / "head.onnx"
+    onnx.save(G.yolo_head(), model)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    (tmp_path / "config.toml").write_text('[postprocess]\nkind = "yolo"\nvariant = "yolov5"\nscore_threshold = 0.3\n')
+    cache = tmp_path / "head.calib.json"
+    assert main(["calibrate", str(model), "--data", str(tmp_path / "x.npy"), "--algorithm", "max", "-o", str(cache),
+                 "--no-progress"]) == 0
+    out = tmp_path / "s.json"
+    assert main(["sensitivity", str(model), "--cache", str(cache), "--data", str(tmp_path / "x.npy"),
+                 "--config", str(tmp_path / "config.toml"), "--no-progress", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["plan"]["budget"] == "F1 vs FP32 detections >= 0.95"
