@@ -129,9 +129,9 @@ def _lower_explicit(m: onnx.ModelProto, exclude: list[str], target: str, glue: s
     if exclude:
         _explicit.remove_pairs(m, exclude)
     if target == "cpu":
-        return _explicit.to_u8_grid(m)
+        return _explicit.to_u8_grid(_explicit.to_fp32_glue(m))
     _glue.fold_zero_pads(m)
-    return _glue.to_fp16_glue(m) if glue == "fp16" else m
+    return _glue.to_fp16_glue(m) if glue == "fp16" else _explicit.to_fp32_glue(m)
 
 
 def lower_file(src: str | os.PathLike, dst: str | os.PathLike, precision: str, **kwargs) -> Path:
