@@ -101,6 +101,31 @@ def run_ort(model: Path | bytes, x: np.ndarray, fused: bool) -> np.ndarray:
     return np.concatenate([sess.run(None, {"input": x[i : i + BATCH]})[0] for i in range(0, len(x), BATCH)])
 
 
+def cpu_latency(models: dict[str, Path | bytes], x: np.ndarray, rounds: int = 6) -> dict[str, dict[str, float]]:
+    """ms per image at batch len(x), fused and unfused, the models interleaved round by round; min over rounds."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for name, model in models.items():
+        for fused in (True, False):
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            if not fused:
+                options.add_session_config_entry("session.disable_quant_qdq", "1")
+            src = model if isinstance(model, bytes) else str(model)
+            sessions[(name, fused)] = ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+    times: dict[tuple[str, bool], list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for key, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(None, {"input": x})
+            times[key].append(time.perf_counter() - t0)
+    out: dict[str, dict[str, float]] = {}
+    for (name, fused), t in times.items():
+        out.setdefault(name, {})["fused" if fused else "unfused"] = min(t) * 1000 / len(x)
+    return out
+
+
 def diff(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"max_abs": float(np.abs(a - b).max()), "top1_agreement": float(np.mean(a.argmax(1) == b.argmax(1)))}
 
@@ -316,6 +341,16 @@ def run(zoo: Path, work: Path, variants: list[tuple[str, str]], limit_eval: int 
     _say(_table(["ModelOpt file", "comparison", "max |Δlogit|", "top-1 agree"], rows, align="llrr"))
     _say(f"auto-detection: {', '.join(sorted(detect)) or '(none)'} served without a precision line; "
          f"'already carries Q/DQ' logged: {detected}")
+
+    lat = cpu_latency({"FP32": model, **lowered, **{f"tegrad INT8 {m}": p for m, p in tegrad_files.items()}}, x[:BATCH])
+    results["latency_ms_per_image"] = lat
+    _say()
+    _say(f"CPU latency, ms/image at batch {BATCH} (min of 6 interleaved rounds; load average {os.getloadavg()[0]:.2f}); "
+         "tegrad serves the ModelOpt graphs unfused, its own INT8 graphs fused:")
+    _say(_table(["graph", "QDQ fusion on", "off", "vs FP32 (as served)"],
+                [[n, f"{v['fused']:.1f}", f"{v['unfused']:.1f}",
+                  f"{lat['FP32']['fused'] / v['unfused' if n.startswith('modelopt') else 'fused']:.2f}x"]
+                 for n, v in lat.items()]))
 
     _say()
     _say(f"2. Accuracy on {len(x)} labelled eval images")

@@ -131,9 +131,9 @@ def _lower_explicit(m: onnx.ModelProto, exclude: list[str], target: str, glue: s
         _explicit.remove_pairs(m, exclude)
     if target == "cpu":
         # Placed for TensorRT (no Q on Conv outputs), the graph gives ONNX Runtime few integer
-        # kernels to fuse: on ModelOpt's EfficientNet-Lite0, 7 of 49 Convs, 62 ms/image fused vs
-        # 53 unfused, and the fused ones round off the graph's own arithmetic (top-1 agreement
-        # 0.986 with the file); unfused it computes exactly what the file does.
+        # kernels to fuse: on ModelOpt's EfficientNet-Lite0, 7 of 49 Convs, slower fused than
+        # unfused (bench/modelopt_interop.py), and the fused ones round off the graph's own
+        # arithmetic (top-1 agreement 0.986 with the file); unfused it computes what the file does.
         out = _explicit.to_u8_grid(_explicit.to_fp32_glue(m))
         onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props}, FUSION_KEY: "off"})
         return out
