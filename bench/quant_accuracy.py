@@ -691,7 +691,7 @@ class Bench:
         res = modelopt_interop.run(self.zoo, self.work / "modelopt", [("entropy", "fp16"), ("entropy", "fp32")],
                                    self.args.limit_eval, tegrad_methods=(), cache_roundtrip=False)
         self.results["modelopt"] = res
-        self._modelopt_agree = {k: v["compare"]["served (gRPC) vs direct (ORT, QDQ fusion off)"]["top1_agreement"]
+        self._modelopt_agree = {k: v["compare"]["served (gRPC) vs direct (ORT, QDQ fusion off)"]
                                 for k, v in res["variants"].items()}
 
     # -- section 5 ---------------------------------------------------------------------------
@@ -742,8 +742,11 @@ class Bench:
                           f"{agree:.4f}"))
         mo = getattr(self, "_modelopt_agree", None)
         if mo:
-            lines.append(("ModelOpt INT8 served by tegrad: top-1 agreement with direct ORT >= 0.99", min(mo.values()) >= 0.99,
-                          ", ".join(f"{k}: {v:.4f}" for k, v in mo.items())))
+            # FP16-glue files run FP32 glue on the CPU target: equal only up to FP16 rounding.
+            exact = [v["max_abs"] == 0 for k, v in mo.items() if k.endswith("fp32")]
+            lines.append(("ModelOpt INT8 (FP32 glue) served by tegrad equal to the file on ORT", all(exact) and bool(exact),
+                          ", ".join(f"{k}: max |Δ| {v['max_abs']:.3g}, top-1 agree {v['top1_agreement']:.4f}"
+                                    for k, v in mo.items())))
         table = [[t, "MET" if ok else "MISSED", d] for t, ok, d in lines]
         _say(_table(["target", "status", "measured"], table, align="lll"))
         self.results["targets"] = [{"target": t, "met": ok, "detail": d} for t, ok, d in lines]
