@@ -16,6 +16,9 @@ Sections (all in one run, on the benchmark zoo):
    EfficientNet-Lite0 top-1 agreement of FP16-glue INT8 with FP32-glue INT8 (both run on ORT) for the
    max, mse and entropy caches, with TensorRT's fused arithmetic emulated, and the logit margins of
    the images that flip.
+8. ModelOpt interop (bench/modelopt_interop.py, when ``nvidia-modelopt`` is importable; else one
+   skip line): EfficientNet-Lite0 quantized by ModelOpt's ONNX PTQ (entropy, FP16 and FP32 glue),
+   served as is through tegrad over gRPC, against the same file run directly on ONNX Runtime.
 
     python bench/quant_accuracy.py                       # everything (~10 min on 2 cores)
     python bench/quant_accuracy.py --limit-eval 100 --sections 1,3
@@ -715,6 +718,24 @@ class Bench:
         self.results["glue"] = info
         self._glue_agreement = worst
 
+    # -- section 8 ---------------------------------------------------------------------------
+    def section_modelopt(self) -> None:
+        _say("=" * 100)
+        _say("8. ModelOpt interop: EfficientNet-Lite0 quantized by NVIDIA ModelOpt's ONNX PTQ, served as is by tegrad")
+        _say("=" * 100)
+        from bench import modelopt_interop
+
+        why = modelopt_interop.modelopt_available()
+        if why:
+            _say(f"skipped: {why}")
+            self.results["modelopt"] = {"skipped": why}
+            return
+        res = modelopt_interop.run(self.zoo, self.work / "modelopt", [("entropy", "fp16"), ("entropy", "fp32")],
+                                   self.args.limit_eval, tegrad_methods=(), cache_roundtrip=False)
+        self.results["modelopt"] = res
+        self._modelopt_agree = {k: v["compare"]["served (gRPC) vs direct (ORT, QDQ fusion off)"]
+                                for k, v in res["variants"].items()}
+
     # -- section 5 ---------------------------------------------------------------------------
     def summary(self) -> None:
         _say("=" * 100)
@@ -761,6 +782,13 @@ class Bench:
         if agree is not None:
             lines.append(("EfficientNet FP16-glue INT8 top-1 agreement with FP32 glue >= 0.99 (max, mse, entropy)",
                           agree >= 0.99, f"lowest {agree:.4f}"))
+        mo = getattr(self, "_modelopt_agree", None)
+        if mo:
+            # FP16-glue files run FP32 glue on the CPU target: equal only up to FP16 rounding.
+            exact = [v["max_abs"] == 0 for k, v in mo.items() if k.endswith("fp32")]
+            lines.append(("ModelOpt INT8 (FP32 glue) served by tegrad equal to the file on ORT", all(exact) and bool(exact),
+                          ", ".join(f"{k}: max |Δ| {v['max_abs']:.3g}, top-1 agree {v['top1_agreement']:.4f}"
+                                    for k, v in mo.items())))
         table = [[t, "MET" if ok else "MISSED", d] for t, ok, d in lines]
         _say(_table(["target", "status", "measured"], table, align="lll"))
         self.results["targets"] = [{"target": t, "met": ok, "detail": d} for t, ok, d in lines]
@@ -771,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zoo", default=str(ROOT.parent / "shared" / "zoo"), help="benchmark zoo folder")
     p.add_argument("--limit-eval", type=int, default=None, help="evaluate on the first N images only (quick run)")
     p.add_argument("--skip-ort", action="store_true", help="leave out ONNX Runtime's quantization tool")
-    p.add_argument("--sections", default="1,2,3,4,6", help="comma-separated subset of 1,2,3,4,6 (5, the summary, always)")
+    p.add_argument("--sections", default="1,2,3,4,6,8", help="comma-separated subset of 1,2,3,4,6,8 (5, the summary, always)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     p.add_argument("--algorithm", default="entropy", choices=METHODS,
                    help="INT8 algorithm for latency when section 1 (which picks the best) is not run")
@@ -793,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"1", "2", "3", "4", "5", "6"}
+    unknown = sections - {"1", "2", "3", "4", "5", "6", "8"}
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}")
     if not Path(args.zoo, "models").is_dir():
@@ -815,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.section_yolox()
         if "6" in sections:
             bench.section_glue()
+        if "8" in sections:
+            bench.section_modelopt()
         bench.summary()
     finally:
         if not args.keep:

@@ -6,7 +6,10 @@ int16 (``vpmaddubsw``) and saturate on full-range inputs: a digits INT8 graph fe
 0.56 against FP32. TensorRT accumulates in int32, exactly. So a graph that would reach those
 kernels runs with the QDQ fusion off: DQ → float op → Q is TensorRT's arithmetic up to float
 rounding. Graphs whose Q/DQ are all uint8 (tegrad's CPU target) keep the fusion: the U8U8
-kernels widen before they add and are exact on every x86.
+kernels widen before they add and are exact on every x86. A graph whose metadata sets
+``FUSION_KEY`` to "off" runs unfused whatever its types: pre-quantized models lowered for the CPU
+(placed for TensorRT, they leave ONNX Runtime little to fuse, and the fused kernels round off the
+graph's own arithmetic).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import onnx
 from onnx import TensorProto
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
+#: Model metadata key: "off" asks for QDQ fusion off whatever the Q/DQ types (set by the lowering).
+FUSION_KEY = "tegrad.ort_qdq_fusion"
 _SIGNED = (TensorProto.INT8, TensorProto.INT4, TensorProto.INT16)
 
 
@@ -44,6 +49,7 @@ def keep_exact(options: Any, model: onnx.ModelProto | str | os.PathLike | bytes)
         model = onnx.load(str(model), load_external_data=False)
     elif isinstance(model, bytes):
         model = onnx.load_from_string(model)
-    if has_signed_qdq(model):
+    fusion = next((p.value for p in model.metadata_props if p.key == FUSION_KEY), "")
+    if fusion == "off" or has_signed_qdq(model):
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     return options
