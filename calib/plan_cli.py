@@ -160,7 +160,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # 1. calibration
     if cache is not None:
         amax, algorithm = cache.amax, cache.algorithm
-        steps["calibration"] = {"cache": os.fspath(args.cache), "algorithm": algorithm,
+        steps["calibration"] = {"cache": os.fspath(args.cache), "algorithm": algorithm, "params": dict(cache.params),
                                 "samples": cache.num_samples}
     else:
         from calib import auto_algorithm
@@ -284,7 +284,10 @@ def paragraph(model: str, outcome: str, budget: planner.Budget, ptq: dict, plan:
     name = Path(os.fspath(model)).name
     target = budget.describe(labels)
     plain = _measured(ptq, budget.task, labels)
-    head = (f"{name}: calibrated with {calibration.get('algorithm')} on {calibration.get('samples')} samples, "
+    algorithm = str(calibration.get("algorithm"))
+    if (calibration.get("params") or {}).get("percentile") is not None:
+        algorithm += f" {calibration['params']['percentile']:g}"
+    head = (f"{name}: calibrated with {algorithm} on {calibration.get('samples')} samples, "
             f"measured on {held_n} held-out samples against a target of {target}. ")
     if outcome == "ptq":
         return head + f"PTQ is enough: plain INT8 measures {plain}; {_cost(plan)}."
