@@ -138,16 +138,10 @@ def split_source(source: DataSource, fraction: float = HELD_OUT_FRACTION) -> Spl
 
 def model_batches(model: onnx.ModelProto, source: DataSource, input_name: str | None, batch_size: int) -> list[Feed]:
     """The held-out samples as feeds the model takes (a model with a fixed batch gets that batch)."""
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if input_name is None:
-        if len(inputs) != 1:
-            raise ValueError(f"the model has inputs {[i.name for i in inputs]}: choose one with --input-name")
-        input_name = inputs[0].name
-    dims = next((i.type.tensor_type.shape.dim for i in inputs if i.name == input_name), [])
-    if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-        batch_size = dims[0].dim_value
-    return list(batches(source, input_name=input_name, batch_size=batch_size))
+    from calib.graph import data_input
+
+    input_name, fixed = data_input(model, input_name)
+    return list(batches(source, input_name=input_name, batch_size=fixed or batch_size))
 
 
 # ---- scoring ------------------------------------------------------------------------------------

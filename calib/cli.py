@@ -246,17 +246,13 @@ def _input_name(args: argparse.Namespace) -> str | None:
 def _feeds(args: argparse.Namespace, model: str, spec: PreprocessSpec | None) -> _Feeds:
     import onnx
 
-    name = _input_name(args)
-    proto = onnx.load(model, load_external_data=False)
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
-    if name is None:
-        if len(inputs) != 1:
-            raise _UsageError(f"{model} has inputs {[i.name for i in inputs]}: choose one with --input-name")
-        name = inputs[0].name
+    from calib.graph import data_input
+
+    try:
+        name, fixed = data_input(onnx.load(model, load_external_data=False), _input_name(args), what=model)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
     batch_size = args.batch_size
-    dims = next((i.type.tensor_type.shape.dim for i in inputs if i.name == name), [])
-    fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
     if fixed > 0 and batch_size != fixed:
         # As calibrate does: a model exported with a fixed batch runs that batch, not --batch-size.
         if batch_size > fixed:

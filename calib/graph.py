@@ -29,6 +29,20 @@ def load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     return onnx.load(str(model))
 
 
+def data_input(model: onnx.ModelProto, input_name: str | None = None, what: str = "the model") -> tuple[str, int]:
+    """The input the data feeds (``input_name``, or the only non-initializer input) and its fixed
+    batch (0 when the first dimension is dynamic). ``what`` names the model in the error."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if input_name is None:
+        if len(inputs) != 1:
+            raise ValueError(f"{what} has inputs {[i.name for i in inputs]}: choose one with --input-name")
+        input_name = inputs[0].name
+    dims = next((i.type.tensor_type.shape.dim for i in inputs if i.name == input_name), [])
+    fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
+    return input_name, max(fixed, 0)
+
+
 def opset_version(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
