@@ -229,3 +229,11 @@ def match_f1(reference: Detections, candidate: Detections, iou_threshold: float 
             taken[j] = True
             tp += 1
     return tp, n_c, n_r
+
+
+def precision_recall_f1(tp: int, n_candidate: int, n_reference: int) -> tuple[float, float, float]:
+    """Precision, recall and F1 of matched counts (no boxes on a side counts as perfect for it)."""
+    precision = tp / n_candidate if n_candidate else (1.0 if n_reference == 0 else 0.0)
+    recall = tp / n_reference if n_reference else (1.0 if n_candidate == 0 else 0.0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return float(precision), float(recall), float(f1)

@@ -158,10 +158,7 @@ def compare_outputs(
             for dr, dc in zip(dets, det.postprocess(c, **params), strict=True):
                 t, a, b = det.match_f1(dr, dc, iou_match)
                 tp, n_c, n_r = tp + t, n_c + a, n_r + b
-        precision = tp / n_c if n_c else (1.0 if n_r == 0 else 0.0)
-        recall = tp / n_r if n_r else (1.0 if n_c == 0 else 0.0)
-        result.precision, result.recall = float(precision), float(recall)
-        result.f1 = float(2 * precision * recall / (precision + recall)) if precision + recall > 0 else 0.0
+        result.precision, result.recall, result.f1 = det.precision_recall_f1(tp, n_c, n_r)
         result.detections_reference, result.detections_candidate = n_r, n_c
     return result
 
