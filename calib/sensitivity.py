@@ -35,6 +35,7 @@ from . import lower as _lower
 from . import planner as _planner
 from . import progress as _progress
 from . import qdq as _qdq
+from .detection import precision_recall_f1
 from .evaluate import EvalResult, compare_outputs, decode_reference, detection_defaults, run_batches
 from .evaluate import session as evaluate_session
 from .graph import Graph, ensure_node_names, ensure_opset, fold_batchnorm, fold_constants, load, prune
@@ -140,25 +141,6 @@ def quantizable_layers(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return [(n.name, n.op_type) for n in plan.quantized_nodes]
 
 
-def _prepared(model) -> onnx.ModelProto:
-    """Fold and upgrade once, so the per-layer graphs skip that work."""
-    # Same order as lower(): unnamed nodes get their names before folding renumbers them,
-    # so report names can be passed to lower(..., exclude=...) on the original model.
-    base = load(model)
-    ensure_node_names(base)
-    return ensure_opset(fold_constants(base))
-
-
-def _int8_graph(base: onnx.ModelProto, amax, excluded: Iterable[str], target: str, exclude_precision: str | None):
-    excluded = sorted(excluded)
-    if exclude_precision is None or not excluded:
-        m = onnx.ModelProto()
-        m.CopyFrom(base)
-        # Lowering internals without the full checker: analysis builds dozens of graphs.
-        return _qdq.insert_qdq(m, amax, exclude=excluded, target=target)
-    return _lower.lower(base, "mixed", amax=amax, exclude=excluded, exclude_precision=exclude_precision, target=target)
-
-
 def _strip_qdq(model: onnx.ModelProto, keep: Iterable[str] = ()) -> onnx.ModelProto:
     """``model`` (modified) without its Q/DQ, except the pairs read by the nodes named in ``keep``."""
     keep = set(keep)
@@ -206,7 +188,7 @@ class _Candidates:
             if amax is None:
                 raise ValueError("a float model needs amax values from a calibration cache (the model has no Q/DQ)")
             self.amax = amax
-            self.base = _prepared(model)
+            self.base = _planner.prepared(model)
             self.layers = quantizable_layers(self.base)
             # What the lowering does before Q/DQ on the CPU target, so unchanged regions match.
             self.activations = fold_batchnorm(load(self.base)) if target == "cpu" else self.base
@@ -215,7 +197,7 @@ class _Candidates:
     def full(self) -> onnx.ModelProto:
         if self.explicit:
             return self._for_target(load(self.quantized))
-        return _int8_graph(self.base, self.amax, (), self.target, None)
+        return _planner.graph_for(self.base, self.amax, (), self.target, None)
 
     def layer(self, name: str) -> onnx.ModelProto:
         if self.explicit:
@@ -225,7 +207,7 @@ class _Candidates:
             _explicit.remove_pairs(m, [name])
             return self._for_target(m)
         excluded = [n for n in self.names if n != name] if self.method == "single" else [name]
-        return _int8_graph(self.base, self.amax, excluded, self.target, None)
+        return _planner.graph_for(self.base, self.amax, excluded, self.target, None)
 
     def _for_target(self, m: onnx.ModelProto) -> onnx.ModelProto:
         return _explicit.to_u8_grid(m) if self.target == "cpu" else m
@@ -268,10 +250,7 @@ def _merge(stats: list[dict], task: str) -> EvalResult:
         n_c = sum(s["detections_candidate"] for s in stats)
         n_r = sum(s["detections_reference"] for s in stats)
         tp = sum(round(s["precision"] * s["detections_candidate"]) for s in stats)
-        precision = tp / n_c if n_c else (1.0 if n_r == 0 else 0.0)
-        recall = tp / n_r if n_r else (1.0 if n_c == 0 else 0.0)
-        r.precision, r.recall = float(precision), float(recall)
-        r.f1 = float(2 * precision * recall / (precision + recall)) if precision + recall > 0 else 0.0
+        r.precision, r.recall, r.f1 = precision_recall_f1(tp, n_c, n_r)
         r.detections_candidate, r.detections_reference = n_c, n_r
     return r
 
