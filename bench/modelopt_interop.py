@@ -88,32 +88,27 @@ def load_images(folder: Path, limit: int | None = None) -> tuple[np.ndarray, lis
     return np.stack([src.load(i) for i in range(len(src))]).astype(np.float32), [p.name for p in src.files]
 
 
-def run_ort(model: Path | bytes, x: np.ndarray, fused: bool) -> np.ndarray:
-    """Logits of ``model`` on ``x``; ``fused=False`` turns ONNX Runtime's QDQ fusion off."""
+def ort_session(model: Path | bytes, fused: bool):
+    """A CPU session on ``model``; ``fused=False`` turns ONNX Runtime's QDQ fusion off."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not fused:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
-    sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                 providers=["CPUExecutionProvider"])
+
+
+def run_ort(model: Path | bytes, x: np.ndarray, fused: bool) -> np.ndarray:
+    """Logits of ``model`` on ``x`` (see :func:`ort_session` for ``fused``)."""
+    sess = ort_session(model, fused)
     return np.concatenate([sess.run(None, {"input": x[i : i + BATCH]})[0] for i in range(0, len(x), BATCH)])
 
 
 def cpu_latency(models: dict[str, Path | bytes], x: np.ndarray, rounds: int = 6) -> dict[str, dict[str, float]]:
     """ms per image at batch len(x), fused and unfused, the models interleaved round by round; min over rounds."""
-    import onnxruntime as ort
-
-    sessions = {}
-    for name, model in models.items():
-        for fused in (True, False):
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            if not fused:
-                options.add_session_config_entry("session.disable_quant_qdq", "1")
-            src = model if isinstance(model, bytes) else str(model)
-            sessions[(name, fused)] = ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+    sessions = {(name, fused): ort_session(model, fused) for name, model in models.items() for fused in (True, False)}
     times: dict[tuple[str, bool], list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for key, sess in sessions.items():
