@@ -21,14 +21,10 @@ from calib.cache import CalibrationCache
 from calib.evaluate import compare_outputs, run_batches
 from calib.graph import Graph, tensor_types
 from calib.ort_exact import FUSION_KEY
+from tests.calib import test_explicit
 from tests.calib.test_explicit import DIGITS, MODEL, _qat
 
-
-@pytest.fixture(scope="module")
-def batches():
-    with np.load(DIGITS / "data" / "heldout.npz") as z:
-        x = (z["x"][:256].astype(np.float32) / 16).reshape(-1, 1, 8, 8)
-    return [x[i : i + 64] for i in range(0, 256, 64)]
+batches = test_explicit.batches  # the digits held-out fixture, shared
 
 
 @pytest.fixture(scope="module")

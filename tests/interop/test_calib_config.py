@@ -116,7 +116,8 @@ def test_fixed_batch_of_one_works_alike_in_calibrate_sensitivity_and_evaluate(tm
     done = _tegrad("calibrate", model, *common, "--algorithm", "max", "-o", str(cache))
     assert done.returncode == 0, done
     assert json.loads(cache.read_text())["preprocess"] is None  # tensors: no preprocessing to record
-    done = _tegrad("sensitivity", model, "--cache", str(cache), *common)
+    # --state: the default row file is ./<model>.sensitivity.jsonl, in the test's working directory.
+    done = _tegrad("sensitivity", model, "--cache", str(cache), "--state", str(tmp_path / "rows.jsonl"), *common)
     assert done.returncode == 0 and "fixed batch of 1" in done.stderr, done
     done = _tegrad("evaluate", model, model, *common)
     assert done.returncode == 0 and "fixed batch of 1" in done.stderr, done
