@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_overhead import _drive  # noqa: E402
+from bench.serve_overhead import _drive, _inputs, bench_repository, triton_requests  # noqa: E402
 from tests.interop.conftest import DIGITS, start_server  # noqa: E402
 
 
@@ -55,26 +54,14 @@ def main() -> int:
     import tritonclient.grpc as grpcclient
 
     session = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {a.name: rng.random([args.batch if not isinstance(d, int) or d < 0 else d for d in a.shape],
-                                dtype=np.float32) for a in session.get_inputs()}
+    feeds = _inputs(session, args.batch, np.random.default_rng(0))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "repo"
-        (repo / "bench" / "1").mkdir(parents=True)
-        shutil.copy(args.model, repo / "bench" / "1" / "model.onnx")
-        (repo / "bench" / "config.toml").write_text(args.config)
+        repo = bench_repository(Path(tmp), args.model, args.config)
         server = start_server(repository=repo, state_dir=Path(tmp) / "state")
         try:
             clients = [grpcclient.InferenceServerClient(server.url) for _ in range(max(args.concurrency))]
-            requests = []
-            for _ in clients:
-                inputs = []
-                for name, arr in feeds.items():
-                    inp = grpcclient.InferInput(name, list(arr.shape), "FP32")
-                    inp.set_data_from_numpy(arr)
-                    inputs.append(inp)
-                requests.append(inputs)
+            requests = triton_requests(feeds, len(clients))
 
             def served(i: int) -> None:
                 clients[i].infer("bench", requests[i])

@@ -31,6 +31,30 @@ sys.path.insert(0, str(ROOT))
 from tests.interop.conftest import DIGITS, start_server  # noqa: E402  (tritonclient-side helpers, no daemon.protogen)
 
 
+def bench_repository(tmp: Path, model: Path, config: str) -> Path:
+    """A repository in ``tmp`` holding ``model`` as the model "bench" with ``config``."""
+    repo = tmp / "repo"
+    (repo / "bench" / "1").mkdir(parents=True)
+    shutil.copy(model, repo / "bench" / "1" / "model.onnx")
+    (repo / "bench" / "config.toml").write_text(config)
+    return repo
+
+
+def triton_requests(feeds: dict[str, np.ndarray], count: int) -> list:
+    """``count`` separate tritonclient input lists carrying ``feeds`` (one per client thread)."""
+    import tritonclient.grpc as grpcclient
+
+    requests = []
+    for _ in range(count):
+        inputs = []
+        for name, arr in feeds.items():
+            inp = grpcclient.InferInput(name, list(arr.shape), "FP32")
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        requests.append(inputs)
+    return requests
+
+
 def _inputs(session, batch: int, rng) -> dict[str, np.ndarray]:
     feeds = {}
     for arg in session.get_inputs():
@@ -107,21 +131,11 @@ def main() -> int:
     outputs = [o.name for o in session.get_outputs()]
 
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "repo"
-        (repo / "bench" / "1").mkdir(parents=True)
-        shutil.copy(args.model, repo / "bench" / "1" / "model.onnx")
-        (repo / "bench" / "config.toml").write_text(args.config)
+        repo = bench_repository(Path(tmp), args.model, args.config)
         server = start_server(repository=repo, state_dir=Path(tmp) / "state")
         try:
             clients = [grpcclient.InferenceServerClient(server.url) for _ in range(max(args.concurrency))]
-            requests = []
-            for _ in clients:
-                inputs = []
-                for name, arr in feeds.items():
-                    inp = grpcclient.InferInput(name, list(arr.shape), "FP32")
-                    inp.set_data_from_numpy(arr)
-                    inputs.append(inp)
-                requests.append(inputs)
+            requests = triton_requests(feeds, len(clients))
 
             def raw(i: int) -> None:
                 session.run(outputs, feeds)
