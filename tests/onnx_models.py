@@ -131,3 +131,24 @@ def fixed_detector(path: Path) -> Path:
              numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
              numpy_helper.from_array(DETECTOR_ANCHORS, "anchors")]
     return _save(helper.make_graph(nodes, "fixed_detector", [x], [y], inits), path)
+
+
+def ort_quantize_static(model: Path, calib_npz: Path, dst: Path) -> onnx.ModelProto:
+    """The digits model (``model``) quantized by ONNX Runtime's quantize_static in QDQ format, TensorRT-style
+    (symmetric S8 activations and per-channel weights), calibrated on the first 128 samples of ``calib_npz``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    with np.load(calib_npz) as z:
+        x = (z["x"][:128].astype(np.float32) / 16).reshape(-1, 1, 8, 8)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": x[i : i + 32]} for i in range(0, len(x), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(model), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    return onnx.load(str(dst))

@@ -15,6 +15,7 @@ from calib import lower as L
 from calib.cache import CalibrationCache
 from calib.evaluate import compare_outputs, run_batches
 from calib.graph import Graph
+from tests.onnx_models import ort_quantize_static
 
 DIGITS = Path(__file__).resolve().parents[2] / "daemon" / "models" / "digits"
 MODEL = DIGITS / "1" / "model.onnx"
@@ -158,23 +159,7 @@ def test_bad_qdq_graphs_are_refused_with_the_node_named(ptq):
 @pytest.fixture(scope="module")
 def ort_quantized(tmp_path_factory) -> onnx.ModelProto:
     """The digits model quantized by ONNX Runtime's quantize_static, QDQ format, TensorRT-style (symmetric S8)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    with np.load(DIGITS / "data" / "calib.npz") as z:
-        x = (z["x"][:128].astype(np.float32) / 16).reshape(-1, 1, 8, 8)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": x[i : i + 32]} for i in range(0, len(x), 32)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    dst = tmp_path_factory.mktemp("ortq") / "digits.qdq.onnx"
-    quantize_static(str(MODEL), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    return onnx.load(str(dst))
+    return ort_quantize_static(MODEL, DIGITS / "data" / "calib.npz", tmp_path_factory.mktemp("ortq") / "digits.qdq.onnx")
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "cpu"], ids=["trt-target", "cpu-target"])

@@ -15,6 +15,7 @@ from calib.cache import CalibrationCache
 from calib.lower import lower
 from calib.ort_exact import keep_exact
 from tests.interop.conftest import DIGITS
+from tests.onnx_models import ort_quantize_static
 
 
 def _model_dir(root, name: str, model: onnx.ModelProto, precision_line: str):
@@ -27,23 +28,7 @@ def _model_dir(root, name: str, model: onnx.ModelProto, precision_line: str):
 
 
 def _ort_quantized(tmp_path) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    with np.load(DIGITS / "data" / "calib.npz") as z:
-        x = (z["x"][:128].astype(np.float32) / 16).reshape(-1, 1, 8, 8)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": x[i : i + 32]} for i in range(0, len(x), 32)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    dst = tmp_path / "ort.qdq.onnx"
-    quantize_static(str(DIGITS / "1" / "model.onnx"), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    return onnx.load(str(dst))
+    return ort_quantize_static(DIGITS / "1" / "model.onnx", DIGITS / "data" / "calib.npz", tmp_path / "ort.qdq.onnx")
 
 
 def _direct(path, x) -> np.ndarray:
