@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import time
 import urllib.request
 
 import numpy as np
@@ -16,6 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.interop.conftest import DIGITS
+from tests.waiting import wait_until
 
 INT8 = 'precision = "int8"\ncalibration_cache = "calib.json"\n'
 
@@ -49,17 +49,6 @@ def _metric(server, name: str, **labels) -> float:
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def _wait(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_int8_model_served_with_fp32_accuracy_and_its_precision_visible(server_factory, tmp_path):
@@ -147,7 +136,7 @@ def test_build_worker_killed_leaves_the_serving_version_untouched(server_factory
                     return int(found.group(1))
             return None
 
-        os.kill(_wait(building_pid, what="version 2 to report its build worker"), signal.SIGKILL)
+        os.kill(wait_until(building_pid, 60, what="version 2 to report its build worker"), signal.SIGKILL)
         loader.join(60)
         assert errors and "SIGKILL" in errors[0].message(), errors
         index = {(m.name, m.version): (m.state, m.reason) for m in c.get_model_repository_index().models}

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import grpc
@@ -26,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models
 from tests.interop.conftest import DIGITS, ROOT, start_server
+from tests.waiting import wait_until
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SERVICE = "/inference.GRPCInferenceService/"
@@ -106,14 +106,6 @@ def _rss(server, field: str = "VmRSS") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) << 10
     raise AssertionError(f"no {field} in /proc/{server.proc.pid}/status")
-
-
-def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _unparsable_payloads() -> list[bytes]:
@@ -302,7 +294,7 @@ def test_burst_of_large_requests_leaves_memory_at_baseline(server, stub):
     assert_still_serving(stub)
     bound = baseline + (64 << 20)
     try:
-        _wait_for(lambda: _rss(server) <= bound, "server RSS back to baseline", timeout=30)
+        wait_until(lambda: _rss(server) <= bound, 30, "server RSS back to baseline")
     finally:
         print(f"burst of 16 x 60 MiB: baseline {baseline >> 20} MiB, peak {peak >> 20} MiB, "
               f"after {_rss(server) >> 20} MiB")
@@ -325,7 +317,7 @@ def test_full_queue_refuses_from_the_first_bytes(server, stub):
     rejected_before = _metric(server, "tegrad_requests_total", outcome="rejected", **labels)
     blockers = [stub.ModelInfer.future(_slow_request(1024), timeout=300) for _ in range(2)]
     # One runs, one waits: the queue (max_queue_size = 1) is full.
-    _wait_for(lambda: _metric(server, "tegrad_queue_depth", **labels) == 1, "the second slow request to queue")
+    wait_until(lambda: _metric(server, "tegrad_queue_depth", **labels) == 1, 60, "the second slow request to queue")
     refused = 0
     for _ in range(5):
         with pytest.raises(grpc.RpcError) as err:

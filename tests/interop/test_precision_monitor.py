@@ -28,8 +28,8 @@ from tests.interop.rollout_support import (
     push,
     start_device,
     version_states,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 MODEL = DIGITS / "1" / "model.onnx"
 

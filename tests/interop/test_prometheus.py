@@ -13,7 +13,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +33,7 @@ from tests.interop.rollout_support import (
     push,
     start_device,
 )
+from tests.waiting import wait_until
 
 DASHBOARD = ROOT / "deploy/grafana/tegrad.json"
 RULES = ROOT / "deploy/prometheus/tegrad-rules.yml"
@@ -59,17 +59,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.2)
-
-
 class Prometheus:
     def __init__(self, binary: str, workdir: Path, targets: list[str]) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +79,7 @@ class Prometheus:
                 [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
                  f"--web.listen-address=127.0.0.1:{self.port}"], stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait(self._ready, 60, f"Prometheus ready on {self.url}")
+            wait_until(self._ready, 60, f"Prometheus ready on {self.url}")
         except BaseException:
             self.stop()
             raise
@@ -205,7 +194,7 @@ def test_dashboard_and_rules_against_a_served_model(tmp_path, prometheus_binary)
         assert log.count("Jetson telemetry every" if on_jetson else "no tegrad_jetson_* metrics:") == 1, log
 
         prom = Prometheus(prometheus_binary, tmp_path / "prometheus", [f"127.0.0.1:{device.server.metrics_port}"])
-        _wait(lambda: prom.query('up{job="tegrad"} == 1'), 60, "tegrad scraped")
+        wait_until(lambda: prom.query('up{job="tegrad"} == 1'), 60, "tegrad scraped")
         targets = dashboard_targets()
         required = [(row, title, expr) for row, title, expr in targets
                     if row != DEVICE_ROW]
@@ -216,7 +205,7 @@ def test_dashboard_and_rules_against_a_served_model(tmp_path, prometheus_binary)
 
         # Rates need two scrapes after the load: poll until every panel about the model has data.
         try:
-            _wait(lambda: not empty(), 90, "every model panel returns a series")
+            wait_until(lambda: not empty(), 90, "every model panel returns a series")
         except AssertionError:
             missing = "\n".join(f"  {t}: {e}" for t, e in empty())
             raise AssertionError(f"dashboard panels without a series:\n{missing}") from None
@@ -226,7 +215,7 @@ def test_dashboard_and_rules_against_a_served_model(tmp_path, prometheus_binary)
 
         # The rules: every one loaded, evaluated without error, and its expression valid through the API.
         assert {r["name"] for r in _rules(prom)} == ALERTS
-        _wait(lambda: all(not r["lastEvaluation"].startswith("0001") for r in _rules(prom)), 60, "rules evaluated")
+        wait_until(lambda: all(not r["lastEvaluation"].startswith("0001") for r in _rules(prom)), 60, "rules evaluated")
         for rule in _rules(prom):
             assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
             assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -234,7 +223,7 @@ def test_dashboard_and_rules_against_a_served_model(tmp_path, prometheus_binary)
         assert _alerts(prom) == {}, "a healthy device under light load raised alerts"
 
         device.server.stop()
-        _wait(lambda: _alerts(prom).get("TegradDown") == "pending", 60, "TegradDown pending after tegrad stopped")
+        wait_until(lambda: _alerts(prom).get("TegradDown") == "pending", 60, "TegradDown pending after tegrad stopped")
     finally:
         if device.server.proc.poll() is None:
             device.server.stop()
@@ -251,7 +240,7 @@ def test_device_panels_against_fixture_jetsons(tmp_path, server_factory, prometh
         assert "Jetson telemetry every 0.5 s" in server.log()
     prom = Prometheus(prometheus_binary, tmp_path / "prometheus", [f"127.0.0.1:{s.metrics_port}" for s in servers])
     try:
-        _wait(lambda: len(prom.query('up{job="tegrad"} == 1')) == 2, 60, "both devices scraped")
+        wait_until(lambda: len(prom.query('up{job="tegrad"} == 1')) == 2, 60, "both devices scraped")
         device = [(title, expr) for row, title, expr in dashboard_targets() if row == DEVICE_ROW]
         # Targets that read only NVML series are empty without a discrete GPU.
         required = [(t, e) for t, e in device if re.search(r"tegrad_jetson_", e)]
@@ -261,7 +250,7 @@ def test_device_panels_against_fixture_jetsons(tmp_path, server_factory, prometh
             return [(t, e) for t, e in required if not prom.query(e)]
 
         try:
-            _wait(lambda: not empty(), 90, "every Jetson panel returns a series")
+            wait_until(lambda: not empty(), 90, "every Jetson panel returns a series")
         except AssertionError:
             missing = "\n".join(f"  {t}: {e}" for t, e in empty())
             raise AssertionError(f"device panels without a series:\n{missing}") from None
@@ -276,7 +265,7 @@ def test_device_panels_against_fixture_jetsons(tmp_path, server_factory, prometh
         modes = {r["metric"]["name"] for r in prom.query("tegrad_jetson_nvpmodel_mode")}
         assert modes == {"MAXN_SUPER", "MODE_15W"}
 
-        _wait(lambda: all(not r["lastEvaluation"].startswith("0001") for r in _rules(prom)), 60, "rules evaluated")
+        wait_until(lambda: all(not r["lastEvaluation"].startswith("0001") for r in _rules(prom)), 60, "rules evaluated")
         for rule in _rules(prom):
             assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
         # Cool boards with plenty of memory: the device alerts stay quiet. (The Nano fixture's two

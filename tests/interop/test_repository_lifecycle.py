@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models
 from tests.interop.conftest import DIGITS, ROOT, Server, launch
+from tests.waiting import wait_until
 
 X4 = np.arange(1, 5, dtype=np.float32)[None, :]  # [1, 4]; y / x gives the model's factor exactly
 
@@ -91,14 +92,6 @@ def _stats(c, model: str):
     return c.get_inference_statistics(model).model_stats[0]
 
 
-def _wait(predicate, timeout: float = 20, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 # -- explicit model control ------------------------------------------------------------------------------
 
 
@@ -163,7 +156,7 @@ class Hammer(threading.Thread):
                 self.answers.append((result.get_response().model_version, float(ratio[0, 0])))
 
     def wait_for(self, version: str, factor: float, timeout: float = 20) -> None:
-        _wait(lambda: bool(self.answers) and self.answers[-1] == (version, factor) or bool(self.failures),
+        wait_until(lambda: bool(self.answers) and self.answers[-1] == (version, factor) or bool(self.failures),
               timeout, f"answers from version {version} with factor {factor}")
         assert not self.failures, self.failures[:3]
 
@@ -196,7 +189,7 @@ def test_reload_and_version_changes_while_inferring(server_factory, tmp_path):
             assert _factor(c, version="1") == 3.0
             assert _factor(c, version="2") == 10.0
             count = len(hammer.answers)
-            _wait(lambda: len(hammer.answers) > count + 20, what="more answers after the last reload")
+            wait_until(lambda: len(hammer.answers) > count + 20, 20, what="more answers after the last reload")
         finally:
             hammer.halt.set()
             hammer.join(30)
@@ -366,7 +359,7 @@ def test_request_whose_deadline_passes_in_the_queue_is_not_executed(server_facto
         def settled():
             s = _stats(c, "slow")
             return s.inference_stats.fail.count - before.inference_stats.fail.count == 2
-        _wait(settled, what="both expired requests to count as failures")
+        wait_until(settled, 20, what="both expired requests to count as failures")
         after = _stats(c, "slow")
     assert after.inference_stats.success.count - before.inference_stats.success.count == 6
     assert after.execution_count - before.execution_count == 6  # 5 flood + 1 generous; the expired never ran
@@ -503,7 +496,7 @@ def test_make_serve_answers_and_stops_cleanly(tmp_path):
         if server.proc.poll() is None:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(10)
-    _wait(lambda: not _group_alive(server.proc.pid), 10, "make's process group to exit")
+    wait_until(lambda: not _group_alive(server.proc.pid), 10, "make's process group to exit")
 
 
 def _tegrad(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -24,8 +24,8 @@ from tests.interop.rollout_support import (
     restart,
     start_device,
     version_states,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -40,9 +40,9 @@ from tests.interop.rollout_support import (
     tree,
     version_states,
     wait_for_exit,
-    wait_until,
 )
 from tests.rollout.forge import entry, flip_byte, forge, members, write_tar
+from tests.waiting import wait_until
 
 CHUNK = 16384
 # A unique name for the files a hostile bundle tries to write, so that finding one proves the escape.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from daemon.telemetry.jetson import (
     jetpack_for,
     not_jetson_reason,
 )
+from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BOARDS = ("orin-nano-jp6", "agx-orin-jp6", "agx-orin-jp5")
@@ -272,13 +272,6 @@ def test_period_zero_is_off(caplog):
     assert "off" in caplog.text
 
 
-def _wait(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def test_thread_publishes_fresh_snapshots_rendered_by_prometheus_client(tmp_path):
     root = tmp_path / "nano"
     shutil.copytree(FIXTURES / "orin-nano-jp6", root)
@@ -297,7 +290,7 @@ def test_thread_publishes_fresh_snapshots_rendered_by_prometheus_client(tmp_path
             text = generate_latest(registry).decode()
             return 'tegrad_jetson_gpu_load_ratio{gpu="gpu"} 0.25' in text
 
-        _wait(load)
+        wait_until(load, 30.0)
     finally:
         telemetry.stop()
     assert generate_latest(registry) == b""  # stopped: no stale device series
